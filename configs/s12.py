@@ -1,0 +1,7 @@
+"""RIFormer-S12, the paper's final recipe (Table 10)."""
+
+from configs import common
+
+
+def get_config():
+  return common.riformer_config("s12")

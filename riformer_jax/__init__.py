@@ -1,0 +1,17 @@
+"""RIFormer (CVPR 2023) and its MetaFormer relatives in JAX/Flax."""
+
+from riformer_jax.metaformer import MetaFormer
+from riformer_jax.models import create_model, list_models
+from riformer_jax.counting import count_macs, count_params
+from riformer_jax.surgery import TransferReport, init_student_from_teacher, reparameterize
+
+__all__ = [
+    "MetaFormer",
+    "TransferReport",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "init_student_from_teacher",
+    "list_models",
+    "reparameterize",
+]

@@ -1,0 +1,249 @@
+"""One MetaFormer backbone for PoolFormer (v1), RIFormer and IdentityFormer.
+
+Flax Linen, NHWC. Parameters are float32; `dtype` sets the compute dtype of the
+convolutions, dense layers and norm outputs, while norm statistics and the residual
+stream stay in float32 (the layer scales start at 1e-5/1e-6: in a bfloat16 residual
+stream those first updates would round away, which is also why PyTorch AMP keeps it
+in float32).
+
+Parameter layout (the PyTorch equivalents are in `riformer_jax.state_dict`):
+
+    stem/{kernel,bias}                          7x7/4 conv, padding 2
+    stages_{i}/downsample/{kernel,bias}         3x3/2 conv, padding 1 (i > 0)
+    stages_{i}/blocks_{j}/norm1/{scale,bias}    GroupNorm(1)
+    stages_{i}/blocks_{j}/token_mixer/{scale,bias}   RIFormer's affine only
+    stages_{i}/blocks_{j}/norm_reparam/{scale,bias}  deploy form: norm1 + affine fused
+    stages_{i}/blocks_{j}/norm2/{scale,bias}
+    stages_{i}/blocks_{j}/mlp/fc{1,2}/{kernel,bias}
+    stages_{i}/blocks_{j}/layer_scale{1,2}
+    head/norm/{scale,bias}, head/fc/{kernel,bias}
+
+Every block sows three taps into the "intermediates" collection, under the same names
+in every family so that a student and a teacher of the same shape pair up block by
+block: `block_input`, `mixer_output` (the token-mixer branch before layer scale, i.e.
+with its "minus the input") and `block_output`. Flax only records them when the caller
+passes `mutable=["intermediates"]`; otherwise `sow` does nothing.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+TOKEN_MIXERS = ("pooling", "affine", "identity")
+HEADS = ("original", "timm")
+
+# The originals draw conv and linear weights from trunc_normal(std=.02) truncated at
+# +-2 in absolute value, i.e. at +-100 standard deviations.
+weight_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+# Two-pass variance, as PyTorch computes it: the residual stream of deep MetaFormers
+# carries large per-sample means, where E[x^2] - E[x]^2 loses digits.
+GroupNorm1 = functools.partial(
+    nn.GroupNorm, num_groups=1, epsilon=1e-5, use_fast_variance=False)
+
+
+class Pooling(nn.Module):
+  """PoolFormer's mixer: 3x3 average pool (padding excluded from the count) minus x."""
+
+  @nn.compact
+  def __call__(self, x):
+    pooled = nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                         count_include_pad=False)
+    # The difference of two close values: take it in float32 before rounding.
+    return (pooled.astype(jnp.float32) - x).astype(x.dtype)
+
+
+class Affine(nn.Module):
+  """RIFormer's training-time mixer (paper Eq. 1): `scale * x + bias - x` per channel."""
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    # MMPreTrain initialises this depthwise 1x1 conv like every other conv.
+    scale = self.param("scale", weight_init, (dim,))
+    bias = self.param("bias", nn.initializers.zeros, (dim,))
+    # Float32 parameters promote the arithmetic: s close to 1 would cancel in bfloat16.
+    return (x * scale + bias - x).astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """Channel MLP (the originals' pair of 1x1 convs) with exact GELU and dropout."""
+
+  hidden_dim: int
+  drop_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dim = x.shape[-1]
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=weight_init)
+    x = dense(self.hidden_dim, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    x = dense(dim, name="fc2")(x)
+    return nn.Dropout(self.drop_rate, deterministic=not train)(x)
+
+
+class MetaFormerBlock(nn.Module):
+  """`x + ls1 * mixer(norm1(x))`, then `x + ls2 * mlp(norm2(x))`, with drop path.
+
+  With `deploy=True` the first branch is `ls1 * norm_reparam(x)`: RIFormer after
+  `reparameterize`, whose GroupNorm absorbed the affine mixer (paper Eq. 3-4).
+  """
+
+  token_mixer: str
+  deploy: bool = False
+  mlp_ratio: float = 4.0
+  layer_scale_init_value: float = 1e-5
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dim = x.shape[-1]
+    norm = functools.partial(GroupNorm1, dtype=self.dtype)
+    # Stochastic depth: dropout whose mask is shared by everything but the batch axis.
+    drop_path = functools.partial(
+        nn.Dropout, self.drop_path_rate, broadcast_dims=(1, 2, 3),
+        deterministic=not train)
+    layer_scale = nn.initializers.constant(self.layer_scale_init_value)
+
+    self.sow("intermediates", "block_input", x)
+    if self.deploy:
+      mixed = norm(name="norm_reparam")(x)
+    else:
+      normed = norm(name="norm1")(x)
+      if self.token_mixer == "pooling":
+        mixed = Pooling(name="token_mixer")(normed)
+      elif self.token_mixer == "affine":
+        mixed = Affine(name="token_mixer")(normed)
+      else:  # identity
+        mixed = normed
+    self.sow("intermediates", "mixer_output", mixed)
+    x = x + drop_path()(self.param("layer_scale1", layer_scale, (dim,)) * mixed)
+
+    hidden = Mlp(int(dim * self.mlp_ratio), self.drop_rate, self.dtype,
+                 name="mlp")(norm(name="norm2")(x), train)
+    x = x + drop_path()(self.param("layer_scale2", layer_scale, (dim,)) * hidden)
+    self.sow("intermediates", "block_output", x)
+    return x
+
+
+class MetaFormerStage(nn.Module):
+  """An optional 3x3/2 downsampling conv followed by `len(drop_path_rates)` blocks."""
+
+  dim: int
+  drop_path_rates: Sequence[float]
+  downsample: bool
+  block: functools.partial  # MetaFormerBlock with everything but drop_path_rate set
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.downsample:
+      x = nn.Conv(self.dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                  dtype=self.dtype, kernel_init=weight_init, name="downsample")(x)
+    x = x.astype(jnp.float32)  # the residual stream is float32 (module docstring)
+    for j, rate in enumerate(self.drop_path_rates):
+      x = self.block(drop_path_rate=rate, name=f"blocks_{j}")(x, train)
+    return x
+
+
+class MetaFormer(nn.Module):
+  """MetaFormer classifier with a pluggable token mixer.
+
+  Attributes:
+    depths: blocks per stage.
+    dims: channels per stage.
+    token_mixer: "pooling" (PoolFormer), "affine" (RIFormer at training time) or
+      "identity" (IdentityFormer: the deploy structure, trained directly).
+    deploy: RIFormer's inference form (`norm_reparam`, no mixer); needs "affine".
+    mlp_ratio: MLP hidden width over block width.
+    layer_scale_init_value: initial value of both per-channel layer scales.
+    num_classes: classifier outputs; 0 returns the pooled, normalised features.
+    drop_rate: dropout inside the MLPs.
+    drop_path_rate: stochastic depth of the last block, ramped linearly from 0.
+    head: "original" (GroupNorm(1), pool, fc: sail-sg, MMPreTrain, RIFormer) or
+      "timm" (pool, LayerNorm over C with eps 1e-6, fc: timm's PoolFormer port).
+    dtype: compute dtype (e.g. jnp.bfloat16 on accelerators).
+
+  Call: `module.apply(variables, images_nhwc, train=False)` returns float32 logits;
+  `train=True` enables dropout and drop path and needs `rngs={"dropout": key}`.
+  """
+
+  depths: Sequence[int]
+  dims: Sequence[int]
+  token_mixer: str = "pooling"
+  deploy: bool = False
+  mlp_ratio: float = 4.0
+  layer_scale_init_value: float = 1e-5
+  num_classes: int = 1000
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head: str = "original"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.token_mixer not in TOKEN_MIXERS:
+      raise ValueError(f"token_mixer={self.token_mixer!r}: expected one of {TOKEN_MIXERS}")
+    if self.head not in HEADS:
+      raise ValueError(f"head={self.head!r}: expected one of {HEADS}")
+    if self.deploy and self.token_mixer != "affine":
+      raise ValueError(
+          f"deploy=True fuses RIFormer's affine mixer into norm1; token_mixer="
+          f"{self.token_mixer!r} has no deploy form (IdentityFormer already is one)")
+    if len(self.depths) != len(self.dims) or not self.depths or min(self.depths) < 1:
+      raise ValueError(f"depths={tuple(self.depths)} and dims={tuple(self.dims)} must "
+                       "have the same, non-zero length and at least one block per stage")
+    for field in ("drop_rate", "drop_path_rate"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise ValueError(f"{field}={getattr(self, field)} must lie in [0, 1)")
+    super().__post_init__()
+
+  def drop_path_rates(self):
+    """Per-stage lists of drop-path rates: `rate * k / (num_blocks - 1)` for block k."""
+    total = sum(self.depths)
+    rates = [self.drop_path_rate * k / max(total - 1, 1) for k in range(total)]
+    bounds = [sum(self.depths[:i]) for i in range(len(self.depths) + 1)]
+    return [rates[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.ndim != 4:
+      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    x = nn.Conv(self.dims[0], (7, 7), strides=(4, 4), padding=((2, 2), (2, 2)),
+                dtype=self.dtype, kernel_init=weight_init, name="stem")(images)
+    block = functools.partial(
+        MetaFormerBlock, token_mixer=self.token_mixer, deploy=self.deploy,
+        mlp_ratio=self.mlp_ratio, layer_scale_init_value=self.layer_scale_init_value,
+        drop_rate=self.drop_rate, dtype=self.dtype)
+    for i, (dim, rates) in enumerate(zip(self.dims, self.drop_path_rates())):
+      x = MetaFormerStage(dim, rates, downsample=i > 0, block=block, dtype=self.dtype,
+                          name=f"stages_{i}")(x, train)
+    return ClassifierHead(self.num_classes, self.head, self.dtype, name="head")(x)
+
+
+class ClassifierHead(nn.Module):
+  """Norm and global average pool (in the order `variant` says), then a linear layer."""
+
+  num_classes: int
+  variant: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.variant == "original":
+      x = GroupNorm1(dtype=self.dtype, name="norm")(x)
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    else:
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                       name="norm")(x)
+    if self.num_classes == 0:
+      return x.astype(jnp.float32)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=weight_init,
+                 name="fc")(x)
+    return x.astype(jnp.float32)

@@ -1,0 +1,147 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import riformer_jax
+from conftest import TINY, randomize, relative_error
+
+SIZES = ("s12", "s24", "s36", "m36", "m48")
+
+
+def train_and_deploy(name, images, seed=0, **overrides):
+  """Random (non-identity) training-time params, their fused form, both outputs."""
+  train_model = riformer_jax.create_model(name, **overrides)
+  deploy_model = riformer_jax.create_model(name, deploy=True, **overrides)
+  params = jax.eval_shape(train_model.init, jax.random.key(0), images)["params"]
+  params = randomize(jax.tree.map(jnp.zeros_like, params), seed)
+  deploy_params = riformer_jax.reparameterize(params)
+  return (params, train_model.apply({"params": params}, images),
+          deploy_params, deploy_model.apply({"params": deploy_params}, images))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_reparameterize_is_exact_for_every_size(size):
+  images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  _, train_logits, _, deploy_logits = train_and_deploy(f"riformer_{size}", images)
+  assert relative_error(deploy_logits, train_logits) <= 1e-5
+
+
+def test_reparameterize_is_exact_for_full_s12_at_224():
+  images = jax.random.normal(jax.random.key(2), (2, 224, 224, 3))
+  _, train_logits, _, deploy_logits = train_and_deploy("riformer_s12", images, seed=5)
+  assert relative_error(deploy_logits, train_logits) <= 1e-5
+
+
+def test_equivalence_check_catches_a_wrong_fusion(images):
+  # The same comparison with Eq. 4's "- 1" forgotten must fail by far, or the tests
+  # above would prove nothing.
+  params, train_logits, deploy_params, _ = train_and_deploy("riformer_s12", images, **TINY)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  wrong = traverse_util.flatten_dict(deploy_params, sep="/")
+  for path in wrong:
+    if "norm_reparam" in path:
+      block = path.split("/norm_reparam/")[0]
+      s, t = flat[f"{block}/token_mixer/scale"], flat[f"{block}/token_mixer/bias"]
+      gamma, beta = flat[f"{block}/norm1/scale"], flat[f"{block}/norm1/bias"]
+      wrong[path] = gamma * s if path.endswith("scale") else beta * s + t
+  deploy_model = riformer_jax.create_model("riformer_s12", deploy=True, **TINY)
+  wrong_logits = deploy_model.apply(
+      {"params": traverse_util.unflatten_dict(wrong, sep="/")}, images)
+  assert relative_error(wrong_logits, train_logits) > 1e-2
+
+
+def test_reparameterize_structure_and_untouched_leaves(images):
+  params, _, deploy_params, _ = train_and_deploy("riformer_s12", images, **TINY)
+  deploy_model = riformer_jax.create_model("riformer_s12", deploy=True, **TINY)
+  expected = jax.eval_shape(deploy_model.init, jax.random.key(0), images)["params"]
+  assert jax.tree.structure(deploy_params) == jax.tree.structure(expected)
+  assert params["stem"]["kernel"] is deploy_params["stem"]["kernel"]
+  block, fused = params["stages_2"]["blocks_1"], deploy_params["stages_2"]["blocks_1"]
+  assert fused["mlp"]["fc1"]["kernel"] is block["mlp"]["fc1"]["kernel"]
+  assert fused["norm2"] is block["norm2"]
+  s, t = block["token_mixer"]["scale"], block["token_mixer"]["bias"]
+  np.testing.assert_allclose(fused["norm_reparam"]["scale"], block["norm1"]["scale"] * (s - 1))
+  np.testing.assert_allclose(fused["norm_reparam"]["bias"],
+                             block["norm1"]["bias"] * (s - 1) + t)
+  # The whole `variables` dict works as well.
+  assert riformer_jax.reparameterize({"params": params})["params"].keys() == deploy_params.keys()
+
+
+def test_reparameterize_rejects_params_without_affine_mixers(images):
+  poolformer = riformer_jax.create_model("poolformer_s12", **TINY)
+  with pytest.raises(ValueError, match="no block with `norm1` and an affine `token_mixer`"):
+    riformer_jax.reparameterize(poolformer.init(jax.random.key(0), images)["params"])
+  _, _, deploy_params, _ = train_and_deploy("riformer_s12", images, **TINY)
+  with pytest.raises(ValueError, match="expected training-time RIFormer params"):
+    riformer_jax.reparameterize(deploy_params)
+
+
+def test_reparameterize_under_jit_on_sharded_params(images):
+  assert jax.device_count() == 8
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  params, train_logits, expected, _ = train_and_deploy("riformer_s12", images, **TINY)
+  # Shard every vector whose length divides by 8 (FSDP-like); replicate the rest.
+  shard = lambda a: jax.device_put(a, NamedSharding(
+      mesh, P("data") if a.ndim == 1 and a.shape[0] % 8 == 0 else P()))
+  sharded = jax.tree.map(shard, params)
+  fused = jax.jit(riformer_jax.reparameterize)(sharded)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), fused, expected)
+  norm_reparam = fused["stages_3"]["blocks_0"]["norm_reparam"]["scale"]
+  assert norm_reparam.sharding.is_equivalent_to(
+      sharded["stages_3"]["blocks_0"]["norm1"]["scale"].sharding, 1)
+  assert len(norm_reparam.sharding.device_set) == 8
+  deploy_model = riformer_jax.create_model("riformer_s12", deploy=True, **TINY)
+  assert relative_error(deploy_model.apply({"params": fused}, images), train_logits) <= 1e-5
+
+
+def init_params(name, images, seed, **overrides):
+  model = riformer_jax.create_model(name, **{**TINY, **overrides})
+  return randomize(model.init(jax.random.key(0), images)["params"], seed)
+
+
+def test_init_student_from_teacher_copies_all_but_the_token_mixer(images):
+  student = init_params("riformer_s12", images, seed=1)
+  teacher = init_params("poolformer_s12", images, seed=2)
+  new, report = riformer_jax.init_student_from_teacher(student, teacher)
+
+  flat_new = traverse_util.flatten_dict(new, sep="/")
+  flat_student = traverse_util.flatten_dict(student, sep="/")
+  flat_teacher = traverse_util.flatten_dict(teacher, sep="/")
+  assert set(report.copied) == set(flat_teacher)
+  assert set(report.left) == {p for p in flat_student if "/token_mixer/" in p}
+  assert len(report.left) == 2 * sum(TINY["depths"])
+  assert report.unused == ()
+  for path in report.copied:
+    np.testing.assert_array_equal(flat_new[path], flat_teacher[path])
+  for path in report.left:
+    np.testing.assert_array_equal(flat_new[path], flat_student[path])
+  assert jax.tree.structure(new) == jax.tree.structure(student)
+
+
+def test_init_student_from_teacher_reports_and_errors(images):
+  student = init_params("riformer_s12", images, seed=1)
+  teacher = init_params("poolformer_s12", images, seed=2, num_classes=7)
+  with pytest.raises(ValueError, match=r"head/fc/kernel: student \(32, 10\), teacher \(32, 7\)"):
+    riformer_jax.init_student_from_teacher(student, teacher)
+  new, report = riformer_jax.init_student_from_teacher(
+      student, teacher, skip=("token_mixer", "head"))
+  assert "head/fc/kernel" in report.left and "head/fc/kernel" in report.unused
+  np.testing.assert_array_equal(new["head"]["fc"]["kernel"], student["head"]["fc"]["kernel"])
+
+  # A deeper teacher: its extra blocks are reported unused, nothing breaks.
+  deeper = init_params("poolformer_s12", images, seed=3, depths=(1, 2, 3, 1))
+  _, report = riformer_jax.init_student_from_teacher(student, deeper)
+  assert report.unused and all(p.startswith("stages_2/blocks_2/") for p in report.unused)
+
+
+def test_init_student_from_teacher_under_jit_casts_to_student_dtype(images):
+  student = init_params("riformer_s12", images, seed=1)
+  teacher = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                         init_params("identityformer_s12", images, seed=2))
+  new = jax.jit(lambda s, t: riformer_jax.init_student_from_teacher(s, t)[0])(student, teacher)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
+  np.testing.assert_array_equal(new["stem"]["kernel"],
+                                teacher["stem"]["kernel"].astype(jnp.float32))
