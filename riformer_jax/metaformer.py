@@ -49,10 +49,11 @@ class Pooling(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    pooled = nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+    # Sum the window and take the difference of two close values in float32.
+    x32 = x.astype(jnp.float32)
+    pooled = nn.avg_pool(x32, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
                          count_include_pad=False)
-    # The difference of two close values: take it in float32 before rounding.
-    return (pooled.astype(jnp.float32) - x).astype(x.dtype)
+    return (pooled - x32).astype(x.dtype)
 
 
 class Affine(nn.Module):

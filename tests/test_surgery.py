@@ -145,3 +145,16 @@ def test_init_student_from_teacher_under_jit_casts_to_student_dtype(images):
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
   np.testing.assert_array_equal(new["stem"]["kernel"],
                                 teacher["stem"]["kernel"].astype(jnp.float32))
+
+
+def test_deploy_taps_equal_training_time_taps(images):
+  # Module imitation losses read `mixer_output`; fusing must not change what they see.
+  params, _, deploy_params, _ = train_and_deploy("riformer_s12", images, **TINY)
+  taps = {}
+  for deploy, p in ((False, params), (True, deploy_params)):
+    model = riformer_jax.create_model("riformer_s12", deploy=deploy, **TINY)
+    taps[deploy] = model.apply({"params": p}, images, mutable=["intermediates"])[1]
+  flat = {k: traverse_util.flatten_dict(v, sep="/") for k, v in taps.items()}
+  assert flat[False].keys() == flat[True].keys()
+  for path, (value,) in flat[False].items():
+    assert relative_error(flat[True][path][0], value) <= 1e-5, path

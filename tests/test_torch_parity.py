@@ -62,7 +62,6 @@ def test_mmpretrain_riformer_training_time_and_deploy():
   assert_same_logits(torch_model, deploy_model, riformer_jax.reparameterize(params), seed=3)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("size", ["s24", "s36", "m36", "m48"])
 def test_mmpretrain_riformer_every_size(size):
   torch_model = ref.randomize_(ref.mmpretrain_riformer(size), seed=4)
