@@ -15,7 +15,6 @@ import jax.extend.core as jax_core
 import jax.numpy as jnp
 
 
-
 def count_params(tree):
   """Number of scalars in a pytree of arrays (or of `jax.ShapeDtypeStruct`s)."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))

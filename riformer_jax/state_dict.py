@@ -5,6 +5,8 @@
 - "sail": sail-sg/poolformer, the original PoolFormer (`network.*`, `norm`, `head`);
 - "timm": timm's `metaformer.py` (`stem.conv`, `stages.{i}.blocks.{j}`, `head.norm`).
   Its PoolFormer head is pool -> LayerNorm -> fc: build the model with `head="timm"`.
+  The params do not record which head they belong to (the shapes are the same), so the
+  caller pairs the format with the head variant.
 
 Tensors are numpy arrays; nothing here imports torch. Layouts: a conv kernel is OIHW
 in PyTorch and HWIO here; the MLP's 1x1 convs (O, I, 1, 1) and the classifier (O, I)
