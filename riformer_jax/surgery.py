@@ -100,21 +100,20 @@ def init_student_from_teacher(student_params, teacher_params, skip=("token_mixer
   teacher = traverse_util.flatten_dict(teacher_params, sep="/")
   skipped = lambda path: any(part in skip for part in path.split("/"))
 
+  copied = [p for p in student if p in teacher and not skipped(p)]
   mismatched = [
-      f"{path}: student {tuple(jnp.shape(student[path]))}, teacher {tuple(jnp.shape(teacher[path]))}"
-      for path in student
-      if path in teacher and not skipped(path)
-      and jnp.shape(student[path]) != jnp.shape(teacher[path])]
+      f"{p}: student {tuple(jnp.shape(student[p]))}, teacher {tuple(jnp.shape(teacher[p]))}"
+      for p in copied if jnp.shape(student[p]) != jnp.shape(teacher[p])]
   if mismatched:
     raise ValueError("init_student_from_teacher: shape mismatch at "
                      + "; ".join(mismatched))
 
-  copied = [p for p in student if p in teacher and not skipped(p)]
   merged = dict(student)
   for path in copied:
     merged[path] = jnp.asarray(teacher[path], dtype=jnp.result_type(student[path]))
+  copied_set = set(copied)
   report = TransferReport(
       copied=tuple(copied),
-      left=tuple(p for p in student if p not in copied),
+      left=tuple(p for p in student if p not in copied_set),
       unused=tuple(p for p in teacher if p not in student or skipped(p)))
   return traverse_util.unflatten_dict(merged, sep="/"), report

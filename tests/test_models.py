@@ -92,8 +92,8 @@ def test_create_model_overrides_and_layer_scale_init():
 def test_output_shapes_and_features_mode(images):
   model = riformer_jax.create_model("riformer_s12", **TINY)
   variables = model.init(jax.random.key(0), images)
-  assert model.apply(variables, images).shape == (2, 10)
-  assert model.apply(variables, images).dtype == jnp.float32
+  logits = model.apply(variables, images)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   features_model = riformer_jax.create_model("riformer_s12", **{**TINY, "num_classes": 0})
   params = features_model.init(jax.random.key(0), images)["params"]
   assert "fc" not in params["head"]
