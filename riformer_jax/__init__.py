@@ -4,6 +4,7 @@ from riformer_jax.metaformer import MetaFormer
 from riformer_jax.models import create_model, list_models
 from riformer_jax.counting import count_macs, count_params
 from riformer_jax.surgery import TransferReport, init_student_from_teacher, reparameterize
+from riformer_jax.pretrained import load_pretrained
 
 __all__ = [
     "MetaFormer",
@@ -13,5 +14,6 @@ __all__ = [
     "create_model",
     "init_student_from_teacher",
     "list_models",
+    "load_pretrained",
     "reparameterize",
 ]

@@ -44,6 +44,25 @@ GroupNorm1 = functools.partial(
     nn.GroupNorm, num_groups=1, epsilon=1e-5, use_fast_variance=False)
 
 
+def check_stages_and_rates(model):
+  """The checks every four-stage classifier here shares, with messages naming fields."""
+  depths, dims = tuple(model.depths), tuple(model.dims)
+  if len(depths) != len(dims) or not depths or min(depths) < 1:
+    raise ValueError(f"depths={depths} and dims={dims} must have the same, non-zero "
+                     "length and at least one block per stage")
+  for field in ("drop_rate", "drop_path_rate"):
+    if not 0.0 <= getattr(model, field) < 1.0:
+      raise ValueError(f"{field}={getattr(model, field)} must lie in [0, 1)")
+
+
+def stagewise_drop_path_rates(depths, rate):
+  """Per-stage lists of drop-path rates: `rate * k / (num_blocks - 1)` for block k."""
+  total = sum(depths)
+  rates = [rate * k / max(total - 1, 1) for k in range(total)]
+  bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
+  return [rates[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 class Pooling(nn.Module):
   """PoolFormer's mixer: 3x3 average pool (padding excluded from the count) minus x."""
 
@@ -196,20 +215,8 @@ class MetaFormer(nn.Module):
       raise ValueError(
           f"deploy=True fuses RIFormer's affine mixer into norm1; token_mixer="
           f"{self.token_mixer!r} has no deploy form (IdentityFormer already is one)")
-    if len(self.depths) != len(self.dims) or not self.depths or min(self.depths) < 1:
-      raise ValueError(f"depths={tuple(self.depths)} and dims={tuple(self.dims)} must "
-                       "have the same, non-zero length and at least one block per stage")
-    for field in ("drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, field) < 1.0:
-        raise ValueError(f"{field}={getattr(self, field)} must lie in [0, 1)")
+    check_stages_and_rates(self)
     super().__post_init__()
-
-  def drop_path_rates(self):
-    """Per-stage lists of drop-path rates: `rate * k / (num_blocks - 1)` for block k."""
-    total = sum(self.depths)
-    rates = [self.drop_path_rate * k / max(total - 1, 1) for k in range(total)]
-    bounds = [sum(self.depths[:i]) for i in range(len(self.depths) + 1)]
-    return [rates[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -221,7 +228,8 @@ class MetaFormer(nn.Module):
         MetaFormerBlock, token_mixer=self.token_mixer, deploy=self.deploy,
         mlp_ratio=self.mlp_ratio, layer_scale_init_value=self.layer_scale_init_value,
         drop_rate=self.drop_rate, dtype=self.dtype)
-    for i, (dim, rates) in enumerate(zip(self.dims, self.drop_path_rates())):
+    for i, (dim, rates) in enumerate(zip(
+        self.dims, stagewise_drop_path_rates(self.depths, self.drop_path_rate))):
       x = MetaFormerStage(dim, rates, downsample=i > 0, block=block, dtype=self.dtype,
                           name=f"stages_{i}")(x, train)
     return ClassifierHead(self.num_classes, self.head, self.dtype, name="head")(x)

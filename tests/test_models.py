@@ -128,10 +128,9 @@ def test_pooling_excludes_padding_at_borders():
 
 
 def test_drop_path_rates_ramp_linearly_over_all_blocks():
-  model = riformer_jax.create_model("riformer_s12", drop_path_rate=0.1)
-  rates = [r for stage in model.drop_path_rates() for r in stage]
-  np.testing.assert_allclose(rates, [0.1 * k / 11 for k in range(12)])
-  assert [len(stage) for stage in model.drop_path_rates()] == [2, 2, 6, 2]
+  per_stage = metaformer.stagewise_drop_path_rates((2, 2, 6, 2), 0.1)
+  np.testing.assert_allclose(sum(per_stage, []), [0.1 * k / 11 for k in range(12)])
+  assert [len(stage) for stage in per_stage] == [2, 2, 6, 2]
 
 
 def test_drop_path_and_dropout_inactive_at_eval_active_in_training(images):

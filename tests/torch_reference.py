@@ -78,3 +78,17 @@ def forward_nhwc(module, images_nhwc):
   with torch.no_grad():
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
     return module(x).numpy()
+
+
+def timm_baseline(family, depths, dims, num_classes=10):
+  """A timm MetaFormer-baselines model of any shape, built the way timm's registered
+  `poolformerv2_*`, `convformer_*` and `caformer_*` functions build theirs."""
+  from timm.models import metaformer as tm  # noqa: PLC0415 (after the workaround)
+  family_kwargs = {
+      "poolformerv2": dict(norm_layers=tm.GroupNorm1NoBias, use_mlp_head=False),
+      "convformer": dict(token_mixers=tm.SepConv, norm_layers=tm.LayerNorm2dNoBias),
+      "caformer": dict(token_mixers=[tm.SepConv] * 2 + [tm.Attention] * 2,
+                       norm_layers=[tm.LayerNorm2dNoBias] * 2 + [tm.LayerNormNoBias] * 2),
+  }[family]
+  return tm.MetaFormer(depths=depths, dims=dims, num_classes=num_classes,
+                       **family_kwargs).eval()

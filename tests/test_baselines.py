@@ -1,0 +1,99 @@
+"""PoolFormerV2, ConvFormer and CAFormer (the teachers) against timm on the same weights."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import riformer_jax
+from riformer_jax import counting, state_dict
+from conftest import relative_error
+import torch_reference as ref
+
+FAMILIES = ("poolformerv2", "convformer", "caformer")
+# Two heads of width 32 in CAFormer's attention stages.
+TINY_BASELINE = dict(depths=(1, 2, 1, 2), dims=(16, 32, 64, 96))
+
+
+def load_into_flax(torch_model, name, **overrides):
+  model = riformer_jax.create_model(name, **overrides)
+  abstract = counting.abstract_variables(model, 64)["params"]
+  params = state_dict.params_from_state_dict(ref.numpy_state_dict(torch_model), abstract,
+                                             "timm")
+  return model, params
+
+
+def assert_same_logits(torch_model, model, params, resolutions, seed=0):
+  rng = np.random.default_rng(seed)
+  for height, width in resolutions:
+    images = rng.standard_normal((2, height, width, 3), dtype=np.float32)
+    expected = ref.forward_nhwc(torch_model, images)
+    actual = model.apply({"params": params}, images)
+    assert relative_error(actual, expected) < 1e-5, (height, width)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_match_timm_and_round_trip(family):
+  torch_model = ref.randomize_(ref.timm_baseline(family, **TINY_BASELINE), seed=0)
+  size = "s12" if family == "poolformerv2" else "s18"
+  model, params = load_into_flax(torch_model, f"{family}_{size}", **TINY_BASELINE,
+                                 num_classes=10)
+  assert_same_logits(torch_model, model, params, [(64, 64), (97, 131)])
+
+  back = state_dict.state_dict_from_params(params, "timm")
+  original = ref.numpy_state_dict(torch_model)
+  assert back.keys() == original.keys()
+  for key, value in original.items():
+    assert back[key].shape == value.shape and np.array_equal(back[key], value), key
+
+
+def test_full_size_caformer_matches_timm_at_224():
+  # SepConv stages, attention stages and the MLP head at the published shape.
+  torch_model = ref.randomize_(
+      ref.timm.create_model("caformer_s18", num_classes=1000).eval(), seed=1)
+  model, params = load_into_flax(torch_model, "caformer_s18")
+  assert_same_logits(torch_model, model, params, [(224, 224)])
+
+
+@pytest.mark.parametrize("name", [
+    f"{family}_{size}" for family, sizes in [
+        ("poolformerv2", ("s12", "s24", "s36", "m36", "m48")),
+        ("convformer", ("s18", "s36", "m36", "b36")),
+        ("caformer", ("s18", "s36", "m36", "b36"))]
+    for size in sizes])
+def test_every_size_has_timms_keys_and_shapes(name):
+  with torch.device("meta"):  # shapes only: nothing allocated or initialised
+    torch_model = ref.timm.create_model(name)
+  expected = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+  abstract = counting.abstract_variables(riformer_jax.create_model(name), 64)["params"]
+  zeros = jax.tree.map(lambda spec: np.zeros(spec.shape, np.float32), abstract)
+  ours = {k: v.shape for k, v in state_dict.state_dict_from_params(zeros, "timm").items()}
+  assert ours == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_taps_pair_with_a_riformer_student_of_the_same_shape(family):
+  size = "s12" if family == "poolformerv2" else "s18"
+  shape = dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=10)
+
+  def taps(name):  # shapes only: traced, not run
+    model = riformer_jax.create_model(name, **shape)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    init = functools.partial(model.init, mutable=True)  # keep the sown taps
+    abstract = jax.eval_shape(init, jax.random.key(0), images)
+    return jax.tree.map(lambda spec: spec.shape, abstract["intermediates"])
+
+  assert taps(f"{family}_{size}")["stages_2"] == taps("riformer_s12")["stages_2"]
+
+
+def test_bad_configurations_name_the_field():
+  with pytest.raises(ValueError, match="token_mixers.*one entry per stage"):
+    riformer_jax.create_model("caformer_s18", token_mixers=("sepconv",) * 3)
+  with pytest.raises(ValueError, match=r"token_mixers: unknown \['conv'\]"):
+    riformer_jax.create_model("convformer_s18", token_mixers=("conv",) * 4)
+  with pytest.raises(ValueError, match="norm='batchnorm'"):
+    riformer_jax.create_model("convformer_s18", norm="batchnorm")
+  with pytest.raises(TypeError, match=r"unknown argument\(s\) \['token_mixer'\]"):
+    riformer_jax.create_model("convformer_s18", token_mixer="sepconv")
