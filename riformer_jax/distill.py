@@ -1,0 +1,226 @@
+"""One fused, sharded train step for the paper's paradigm, and the evaluation step.
+
+The step mixes the batch once (mixup/CutMix), runs the frozen logit teacher and the
+frozen feature teacher on that same array, runs the student with its taps captured,
+and combines the loss terms of `losses` with per-term weights. The weights are traced
+arguments, so switching a term on or off between epochs never recompiles; a teacher
+whose terms all weigh zero is skipped at run time by `lax.cond`, so the feature
+teacher costs nothing once module imitation has ended. Only the student's params are
+differentiated. Gradient accumulation scans over micro-batches inside the step (one
+optimizer update per call, the same update as one large batch of the same size).
+
+Randomness (mixing, dropout, drop path) is `fold_in(seed_key, step)`: a resumed run
+replays exactly the steps an uninterrupted run takes.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from riformer_jax import losses, mixup, optim, surgery
+
+TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
+_MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any = None
+
+
+@flax.struct.dataclass
+class Teacher:
+  """A frozen model: its module (with its own compute dtype) and variables."""
+
+  module: Any = flax.struct.field(pytree_node=False)
+  variables: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+  mixup_alpha: float = 0.8
+  cutmix_alpha: float = 1.0
+  switch_prob: float = 0.5
+  prob: float = 1.0
+  label_smoothing: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Distiller:
+  """Everything static about a training run; `train_step`/`eval_step` are pure.
+
+  Attributes:
+    student: the Linen module being trained.
+    optimizer: an optax transformation (e.g. `optim.make_optimizer`).
+    num_classes: label width.
+    mix: mixup/CutMix/label smoothing; None trains on plain smoothed labels.
+    temperature: soft-KD temperature.
+    mi_blocks: "stages_i/blocks_j" paths of module imitation.
+    accum_steps: micro-batches per update.
+    ema_decay: 0 disables the parameter EMA.
+    schedule: the learning-rate schedule, for logging.
+  """
+
+  student: Any
+  optimizer: optax.GradientTransformation
+  num_classes: int
+  mix: Optional[MixConfig] = MixConfig()
+  temperature: float = 1.0
+  mi_blocks: Sequence[str] = ()
+  accum_steps: int = 1
+  ema_decay: float = 0.0
+  schedule: Optional[Callable[[Any], Any]] = None
+
+  def init_state(self, params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params),
+                      ema_params=params if self.ema_decay else None)
+
+  def _targets(self, rng, images, labels):
+    if self.mix is None:
+      return images, mixup.smooth_one_hot(labels, self.num_classes, 0.0)
+    return mixup.mix_batch(
+        rng, images, labels, self.num_classes, mixup_alpha=self.mix.mixup_alpha,
+        cutmix_alpha=self.mix.cutmix_alpha, switch_prob=self.mix.switch_prob,
+        prob=self.mix.prob, label_smoothing=self.mix.label_smoothing)
+
+  def _micro_loss(self, params, images, targets, weights, rng, logit_teacher,
+                  feature_teacher):
+    """Weighted loss and its terms on one micro-batch."""
+    zero = jnp.zeros((), jnp.float32)
+    logits, state = self.student.apply(
+        {"params": params}, images, train=True, rngs={"dropout": rng},
+        mutable=["intermediates"])
+    terms = dict.fromkeys(TERMS, zero)
+    terms["ce"] = losses.cross_entropy(logits, targets)
+
+    if logit_teacher is not None:
+      def distill(logits):
+        teacher_logits = jax.lax.stop_gradient(logit_teacher.module.apply(
+            logit_teacher.variables, images, train=False))
+        return (losses.hard_distillation(logits, teacher_logits),
+                losses.soft_distillation(logits, teacher_logits, self.temperature))
+      used = (weights["hard_kd"] != 0) | (weights["soft_kd"] != 0)
+      terms["hard_kd"], terms["soft_kd"] = jax.lax.cond(
+          used, distill, lambda _: (zero, zero), logits)
+
+    if feature_teacher is not None and self.mi_blocks:
+      def imitate(student_taps):
+        _, teacher_state = feature_teacher.module.apply(
+            feature_teacher.variables, images, train=False, mutable=["intermediates"])
+        teacher_taps = jax.lax.stop_gradient(teacher_state["intermediates"])
+        return losses.module_imitation(student_taps, teacher_taps, self.mi_blocks)
+      used = jnp.any(jnp.stack([weights[t] != 0 for t in _MI_TERMS]))
+      mi = jax.lax.cond(used, imitate, lambda _: {"in": zero, "out": zero, "rel": zero},
+                        state["intermediates"])
+      for term, name in _MI_TERMS.items():
+        terms[term] = mi[name]
+
+    total = sum(weights[t] * terms[t] for t in TERMS)
+    correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    return total, (terms, correct)
+
+  def train_step(self, state, images, labels, weights, rng, logit_teacher=None,
+                 feature_teacher=None):
+    """One optimizer update on a global batch; returns (new state, metrics).
+
+    `weights` maps every name in TERMS to a float32 scalar (traced: changing them
+    does not recompile). `rng` is the run's base key; the step folds its count in.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    mix_rng, dropout_rng = jax.random.split(step_rng)
+    images, targets = self._targets(mix_rng, images, labels)
+
+    # Micro-batch k takes rows k, k + A, k + 2A, ...: every device keeps its share of
+    # each micro-batch, so the split moves no data between devices.
+    accum = self.accum_steps
+    def split(x):
+      return jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+    grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, loss, terms, correct = carry
+      index, micro_images, micro_targets = micro
+      (micro_loss, (micro_terms, micro_correct)), micro_grads = grad_fn(
+          state.params, micro_images, micro_targets, weights,
+          jax.random.fold_in(dropout_rng, index), logit_teacher, feature_teacher)
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+      return (add(grads, micro_grads), loss + micro_loss, add(terms, micro_terms),
+              correct + micro_correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), dict.fromkeys(TERMS, jnp.float32(0)),
+            jnp.zeros((), jnp.int32))
+    (grads, loss, terms, correct), _ = jax.lax.scan(
+        accumulate, init, (jnp.arange(accum), split(images), split(targets)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if self.ema_decay:
+      ema = optim.ema_update(ema, params, self.ema_decay)
+    metrics = {f"loss/{t}": v / accum for t, v in terms.items()}
+    metrics.update({"loss/total": loss / accum, "grad_norm": optax.tree.norm(grads),
+                    "train_accuracy": correct / labels.shape[0]})
+    if self.schedule is not None:
+      metrics["learning_rate"] = self.schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+
+def eval_counts(module, variables, images, labels, mask):
+  """(top-1 correct, top-5 correct, count) over the valid (`mask`) examples."""
+  logits = module.apply(variables, images, train=False)
+  top5 = jax.lax.top_k(logits, 5)[1]
+  hit1 = (top5[:, 0] == labels) & mask
+  hit5 = jnp.any(top5 == labels[:, None], axis=-1) & mask
+  return jnp.sum(hit1), jnp.sum(hit5), jnp.sum(mask)
+
+
+def deploy_eval_counts(deploy_module, params, images, labels, mask):
+  """`eval_counts` of the re-parameterised student, folded inside the same program."""
+  return eval_counts(deploy_module, {"params": surgery.reparameterize(params)}, images,
+                     labels, mask)
+
+
+# --- sharding ---------------------------------------------------------------------
+
+def make_mesh(devices=None):
+  """A 1-D mesh with a "data" axis over `devices` (default: all, every process)."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(devices, ("data",))
+
+
+def data_sharding(mesh):
+  return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_shardings(tree, mesh):
+  """Each leaf sharded over "data" along its largest axis that divides evenly, else
+  replicated: FSDP-style storage of params and optimizer state."""
+  size = mesh.shape["data"]
+
+  def leaf_sharding(leaf):
+    shape = getattr(leaf, "shape", ())
+    candidates = [(dim, axis) for axis, dim in enumerate(shape) if dim % size == 0]
+    if not candidates or size == 1:
+      return replicated(mesh)
+    _, axis = max(candidates)
+    spec = [None] * len(shape)
+    spec[axis] = "data"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(leaf_sharding, tree)
