@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from riformer_jax import losses, mixup, optim, surgery
+from riformer_jax import losses, mixup, optim
 
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 _MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
@@ -184,12 +184,6 @@ def eval_counts(module, variables, images, labels, mask):
   hit1 = (top5[:, 0] == labels) & mask
   hit5 = jnp.any(top5 == labels[:, None], axis=-1) & mask
   return jnp.sum(hit1), jnp.sum(hit5), jnp.sum(mask)
-
-
-def deploy_eval_counts(deploy_module, params, images, labels, mask):
-  """`eval_counts` of the re-parameterised student, folded inside the same program."""
-  return eval_counts(deploy_module, {"params": surgery.reparameterize(params)}, images,
-                     labels, mask)
 
 
 # --- sharding ---------------------------------------------------------------------

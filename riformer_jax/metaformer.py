@@ -189,6 +189,7 @@ class MetaFormer(nn.Module):
     head: "original" (GroupNorm(1), pool, fc: sail-sg, MMPreTrain, RIFormer) or
       "timm" (pool, LayerNorm over C with eps 1e-6, fc: timm's PoolFormer port).
     dtype: compute dtype (e.g. jnp.bfloat16 on accelerators).
+    remat: recompute each block in the backward pass instead of storing it.
 
   Call: `module.apply(variables, images_nhwc, train=False)` returns float32 logits;
   `train=True` enables dropout and drop path and needs `rngs={"dropout": key}`.
@@ -205,6 +206,7 @@ class MetaFormer(nn.Module):
   drop_path_rate: float = 0.0
   head: str = "original"
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
     if self.token_mixer not in TOKEN_MIXERS:
@@ -224,8 +226,12 @@ class MetaFormer(nn.Module):
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     x = nn.Conv(self.dims[0], (7, 7), strides=(4, 4), padding=((2, 2), (2, 2)),
                 dtype=self.dtype, kernel_init=weight_init, name="stem")(images)
+    # Rematerialisation keeps only each block's input for the backward pass
+    # (`train`, argument 2 counting self, is a Python bool).
+    block_class = nn.remat(MetaFormerBlock, static_argnums=(2,)) if self.remat \
+        else MetaFormerBlock
     block = functools.partial(
-        MetaFormerBlock, token_mixer=self.token_mixer, deploy=self.deploy,
+        block_class, token_mixer=self.token_mixer, deploy=self.deploy,
         mlp_ratio=self.mlp_ratio, layer_scale_init_value=self.layer_scale_init_value,
         drop_rate=self.drop_rate, dtype=self.dtype)
     for i, (dim, rates) in enumerate(zip(

@@ -201,6 +201,14 @@ def _atomic_directory(destination, overwrite=False):
       shutil.rmtree(staging)
 
 
+def _local_checkpointer():
+  """An orbax checkpointer that this process uses alone: converted models are small,
+  host-side numpy trees, written and read by one process of a multi-host run."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save_pretrained(directory, name, kwargs, params, overwrite=False, **metadata):
   """Writes `params` of `create_model(name, **kwargs)` as DIR/variables + manifest."""
   model = models.create_model(name, **kwargs)  # validates name and kwargs
@@ -208,7 +216,7 @@ def save_pretrained(directory, name, kwargs, params, overwrite=False, **metadata
   manifest = {"model": name, "kwargs": kwargs, **metadata,
               "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
   with _atomic_directory(directory, overwrite) as staging:
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _local_checkpointer()
     checkpointer.save(os.path.join(staging, VARIABLES),
                       {"params": jax.device_get(params)})
     checkpointer.wait_until_finished()
@@ -259,7 +267,7 @@ def load_pretrained(directory, **overrides):
   manifest = read_manifest(directory)
   model = models.create_model(manifest["model"], **{**manifest["kwargs"], **overrides})
   abstract = counting.abstract_variables(model, 64)["params"]
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = _local_checkpointer()
   target = {"params": abstract}
   path = os.path.abspath(os.path.join(directory, VARIABLES))
   if not os.path.isdir(path):

@@ -1,0 +1,110 @@
+"""train.py end to end on the embedded data set: resume after SIGTERM and kill -9,
+teachers, config errors. Each run is a real process, as a user starts it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import riformer_jax
+from riformer_jax import pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=2",
+         "--config.resolution=32", "--config.batch_size=32",
+         "--config.model.dims=(8, 16, 24, 32)"]
+
+
+def start(workdir, *overrides, config="configs/tiny.py"):
+  return subprocess.Popen(
+      [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}",
+       *SHORT, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def run(workdir, *overrides, **kwargs):
+  process = start(workdir, *overrides, **kwargs)
+  output, _ = process.communicate(timeout=600)
+  return process.returncode, output
+
+
+def interrupt(workdir, sig, *overrides):
+  """Starts a run and sends `sig` once its first checkpoint is on disk."""
+  process = start(workdir, *overrides)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  while not (os.path.isdir(checkpoints) and
+             any(name.isdigit() for name in os.listdir(checkpoints))):
+    assert process.poll() is None, process.stdout.read()
+    time.sleep(0.05)
+  process.send_signal(sig)
+  output, _ = process.communicate(timeout=600)
+  return process.returncode, output
+
+
+def final_params(workdir):
+  _, variables = riformer_jax.load_pretrained(os.path.join(workdir, "student"))
+  return jax.device_get(variables["params"])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  code, output = run(workdir)
+  assert code == 0, output
+  return workdir, output
+
+
+def test_straight_run_reports_student_and_deploy_alike(straight):
+  workdir, output = straight
+  assert "deploy/top1" in output
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  final = eval(lines[-1])  # noqa: S307 (our own JSON of floats)
+  assert final["step"] == 12 and final["student/top1"] == final["deploy/top1"]
+  deploy, variables = riformer_jax.load_pretrained(workdir / "deploy")
+  assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_and_resumed_run_is_bit_identical(straight, tmp_path, sig):
+  code, output = interrupt(tmp_path, sig)
+  if sig == signal.SIGKILL:
+    assert code == -signal.SIGKILL
+  else:
+    assert code == 0 and "SIGTERM: saved step" in output, output
+  assert not (tmp_path / "student").exists()  # it really stopped early
+  code, output = run(tmp_path)
+  assert code == 0 and "resumed from step" in output, output
+  reference, resumed = final_params(straight[0]), final_params(tmp_path)
+  assert jax.tree.all(jax.tree.map(np.array_equal, reference, resumed))
+
+
+def test_distillation_with_teachers_and_teacher_init(tmp_path):
+  # A converted teacher directory, as convert.py writes one.
+  teacher = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 2, 1),
+                                      dims=(8, 16, 24, 32), num_classes=10)
+  params = teacher.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+  pretrained.save_pretrained(tmp_path / "teacher", "poolformer_s12",
+                             dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
+                                  num_classes=10), params)
+  code, output = run(tmp_path / "run", "--config.total_steps=4",
+                     f"--config.teachers.logit={tmp_path / 'teacher'}",
+                     f"--config.teachers.feature={tmp_path / 'teacher'}",
+                     config="configs/tiny.py:with_teacher")
+  assert code == 0, output
+  assert "teacher_logit/top1" in output and "teacher_feature/top1" in output
+  logged = [eval(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: S307
+  train_lines = [m for m in logged if "loss/total" in m]
+  assert all(m["loss/soft_kd"] > 0 and m["loss/mi_in"] > 0 and m["loss/ce"] > 0
+             for m in train_lines)
+
+
+def test_bad_configuration_is_named(tmp_path):
+  code, output = run(tmp_path, "--config.batch_sise=8")
+  assert code != 0 and "batch_sise" in output
+  code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
+  assert code != 0 and "config.teachers.logit" in output and "convert.py" in output

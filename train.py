@@ -1,0 +1,270 @@
+"""Trains a RIFormer the paper's way: one jitted, sharded step per global batch.
+
+  python train.py --config=configs/s12.py --workdir=runs/s12 \\
+      --config.data.data_dir=$TFDS_DATA \\
+      --config.teachers.logit=ckpt/gfnet_h_b --config.teachers.feature=ckpt/poolformer_s12
+
+Restarting with the same workdir resumes from the last checkpoint; SIGTERM saves one
+and exits. Multi-host: start one process per host with the same flags (and, outside a
+managed cluster, --coordinator_address/--num_processes/--process_id).
+Writes: workdir/checkpoints (last N), workdir/best (top-1), workdir/metrics.jsonl,
+workdir/deploy and workdir/student (for `riformer_jax.load_pretrained`).
+"""
+
+import json
+import os
+import signal
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+import riformer_jax
+from riformer_jax import augment, distill, input_pipeline, models, optim, pretrained
+from riformer_jax import surgery
+
+config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final models.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, multi-host.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, multi-host.")
+flags.DEFINE_integer("process_id", None, "This process, multi-host.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def loss_weights(losses, epoch):
+  """Each term's weight in `epoch`, 0 outside its window (traced, never recompiles)."""
+  weights = {}
+  for name in distill.TERMS:
+    term = losses[name]
+    active = term.start_epoch <= epoch and (term.end_epoch < 0 or epoch < term.end_epoch)
+    weights[name] = np.float32(term.weight if active else 0.0)
+  return weights
+
+
+def load_teacher(directory, role, dtype):
+  if not directory:
+    return None
+  if not os.path.isfile(os.path.join(directory, pretrained.MANIFEST)):
+    raise app.UsageError(
+        f"config.teachers.{role}={directory!r}: not a converted model. Convert the "
+        f"PyTorch weights first, e.g. `python convert.py --arch gfnet_h_b --src "
+        f"gfnet-h-b.pth --dst {directory}` (README, 'Importing and exporting weights').")
+  module, variables = pretrained.load_pretrained(directory, dtype=dtype)
+  return distill.Teacher(module, variables)
+
+
+def student_params(config, student, teachers):
+  """Fresh init, then (Guideline 5) the feature teacher's weights but the mixer, or a
+  student directory given as `config.init_from`."""
+  images = jnp.zeros((1, config.resolution, config.resolution, 3))
+  params = jax.jit(student.init)(jax.random.key(config.seed), images)["params"]
+  if config.init_from:
+    _, variables = pretrained.load_pretrained(config.init_from)
+    return variables["params"]
+  if config.teachers.init_from_feature and teachers["feature"] is not None:
+    params, report = riformer_jax.init_student_from_teacher(
+        params, teachers["feature"].variables["params"])
+    print(f"student initialised from the feature teacher; its own init kept for "
+          f"{len(report.left)} params ({', '.join(report.left[:4])}, ...)", flush=True)
+  # Own buffers: the train step donates the state, never the teachers' arrays.
+  return jax.tree.map(np.array, params)
+
+
+def evaluate(eval_fns, state, eval_source, config, mesh):
+  """Top-1/top-5 (%) of every function in `eval_fns` over the whole eval split."""
+  totals = {name: np.zeros(3) for name in eval_fns}
+  batches = input_pipeline.eval_batches(
+      eval_source, global_batch_size=config.batch_size, size=config.resolution,
+      crop_pct=config.data.crop_pct or None, num_threads=config.data.num_threads or None)
+  for batch in input_pipeline.global_batches(batches, mesh):
+    for name, fn in eval_fns.items():
+      totals[name] += np.asarray(jax.device_get(fn(state, batch)), np.float64)
+  return {f"{name}/{k}": 100 * totals[name][i] / totals[name][2]
+          for name in eval_fns for i, k in enumerate(("top1", "top5"))}
+
+
+class MetricsWriter:
+  """metrics.jsonl (process 0) and the log."""
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step, metrics):
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if jax.process_index() == 0:
+      shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v or "/" not in k)
+      print(f"step {step}: {shown}", flush=True)
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = distill.make_mesh()
+  if config.batch_size % (jax.device_count() * config.accum_steps * 2):
+    raise app.UsageError(
+        f"config.batch_size={config.batch_size} must split into "
+        f"config.accum_steps={config.accum_steps} micro-batches of even size on each "
+        f"of {jax.device_count()} devices")
+
+  # Data and teachers first: a missing one stops here, before anything is compiled.
+  train_source = input_pipeline.get_source(config.data.dataset, config.data.train_split,
+                                           data_dir=config.data.data_dir or None,
+                                           seed=config.seed)
+  eval_source = input_pipeline.get_source(
+      config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
+      seed=config.seed, class_names=getattr(train_source, "class_names", None))
+  teacher_dtype = jnp.dtype(config.teachers.compute_dtype)
+  teachers = {role: load_teacher(config.teachers[role], role, teacher_dtype)
+              for role in ("logit", "feature")}
+
+  dtype = jnp.dtype(config.compute_dtype)
+  student = models.create_model(config.model_name, **config.model, dtype=dtype,
+                                remat=config.remat)
+  deploy = (models.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
+            if student.token_mixer == "affine" else None)
+
+  steps_per_epoch = input_pipeline.steps_per_epoch(
+      train_source, config.batch_size, jax.process_count())
+  total_steps = config.total_steps or config.epochs * steps_per_epoch
+  schedule = optim.learning_rate_schedule(
+      optim.peak_learning_rate(config.lr, config.batch_size),
+      total_steps, min(config.warmup_epochs * steps_per_epoch, total_steps - 1),
+      optim.peak_learning_rate(config.min_lr, config.batch_size))
+  mix = distill.MixConfig(config.aug.mixup, config.aug.cutmix, config.aug.switch_prob,
+                          1.0, config.aug.label_smoothing)
+  distiller = distill.Distiller(
+      student=student,
+      optimizer=optim.make_optimizer(schedule, config.weight_decay,
+                                     clip_grad_norm=config.clip_grad_norm or None),
+      num_classes=config.model.num_classes, mix=mix,
+      temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
+      accum_steps=config.accum_steps, ema_decay=config.ema_decay, schedule=schedule)
+
+  # State: replicated (data parallel) or FSDP-sharded; teachers likewise.
+  shard = (lambda tree: distill.fsdp_shardings(tree, mesh)) if config.fsdp else (
+      lambda tree: jax.tree.map(lambda _: distill.replicated(mesh), tree))
+  state = distiller.init_state(student_params(config, student, teachers))
+  state_shardings = shard(state)
+  teachers = {role: t and jax.device_put(t, shard(t)) for role, t in teachers.items()}
+
+  checkpoints = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
+  best = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "best"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["top1"]))
+  start = checkpoints.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                    sharding=sharding),
+        state, state_shardings)
+    state = checkpoints.restore(start, args=ocp.args.StandardRestore(abstract))
+    print(f"resumed from step {start}", flush=True)
+  else:
+    state = jax.device_put(state, state_shardings)
+
+  rng = jax.random.key(config.seed)
+  data = distill.data_sharding(mesh)
+  train_step = jax.jit(
+      distiller.train_step, donate_argnums=0,
+      in_shardings=(state_shardings, data, data, None, None,
+                    teachers["logit"] and shard(teachers["logit"]),
+                    teachers["feature"] and shard(teachers["feature"])),
+      out_shardings=(state_shardings, None))
+
+  def eval_fn(module, params_of, reparameterize=False):
+    @jax.jit
+    def counts(state, batch):
+      params = params_of(state)
+      params = surgery.reparameterize(params) if reparameterize else params
+      return jnp.stack(distill.eval_counts(module, {"params": params}, batch["image"],
+                                           batch["label"], batch["mask"]))
+    return counts
+
+  eval_fns = {"student": eval_fn(student, lambda s: s.params)}
+  if deploy is not None:  # must agree with the student: both are reported
+    eval_fns["deploy"] = eval_fn(deploy, lambda s: s.params, reparameterize=True)
+  if config.ema_decay:
+    eval_fns["ema"] = eval_fn(student, lambda s: s.ema_params)
+
+  writer = MetricsWriter(workdir)
+  if start == 0:
+    for role, teacher in teachers.items():
+      if teacher is not None:  # each teacher once
+        fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
+            t.module, t.variables, b["image"], b["label"], b["mask"])))
+        writer.write(0, evaluate({f"teacher_{role}": lambda _, b, fn=fn: fn(b)}, None,
+                                 eval_source, config, mesh))
+
+  stop = {"requested": False}
+  signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+  recipe = augment.TrainAugment(
+      size=config.resolution, scale=tuple(config.aug.scale), hflip=config.aug.hflip,
+      auto_augment=config.aug.auto_augment or None, re_prob=config.aug.re_prob)
+  batches = input_pipeline.global_batches(input_pipeline.train_batches(
+      train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
+      start_step=start, num_steps=total_steps - start,
+      num_threads=config.data.num_threads or None), mesh)
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  for step in range(start, total_steps):
+    batch = next(batches)
+    weights = loss_weights(config.losses, step // steps_per_epoch)
+    state, metrics = train_step(state, batch["image"], batch["label"], weights, rng,
+                                teachers["logit"], teachers["feature"])
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == total_steps:
+      writer.write(done, {"epoch": done / steps_per_epoch, **jax.device_get(metrics)})
+    if done % eval_every == 0 and done != total_steps:
+      results = evaluate(eval_fns, state, eval_source, config, mesh)
+      writer.write(done, results)
+      best.save(done, args=ocp.args.StandardSave(state),
+                metrics={"top1": results["student/top1"]})
+    requested = stop["requested"]
+    if jax.process_count() > 1:  # every host stops at the same step
+      requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+    if done % config.checkpoint_every_steps == 0 or done == total_steps or requested:
+      checkpoints.save(done, args=ocp.args.StandardSave(state))
+    if requested:
+      print(f"SIGTERM: saved step {done}, exiting", flush=True)
+      checkpoints.wait_until_finished()
+      return
+
+  checkpoints.wait_until_finished()
+  results = evaluate(eval_fns, state, eval_source, config, mesh)
+  writer.write(total_steps, results)
+  best.save(total_steps, args=ocp.args.StandardSave(state),
+            metrics={"top1": results["student/top1"]})
+  best.wait_until_finished()
+  if jax.process_index() == 0:
+    params = jax.device_get(state.params)
+    kwargs = dict(config.model)
+    pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
+                               kwargs, params, overwrite=True, source=workdir)
+    if deploy is not None:
+      pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
+                                 dict(kwargs, deploy=True), surgery.reparameterize(params),
+                                 overwrite=True, source=workdir)
+  print(f"done: wrote {os.path.join(workdir, 'student')}"
+        f"{' and deploy' if deploy is not None else ''}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
