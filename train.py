@@ -5,8 +5,9 @@
       --config.teachers.logit=ckpt/gfnet_h_b --config.teachers.feature=ckpt/poolformer_s12
 
 Restarting with the same workdir resumes from the last checkpoint; SIGTERM saves one
-and exits. Multi-host: start one process per host with the same flags (and, outside a
-managed cluster, --coordinator_address/--num_processes/--process_id).
+and exits. Multi-host: start one process per host with the same flags plus
+--distributed (Cloud TPU, SLURM, Open MPI detect the rest), or elsewhere
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 Writes: workdir/checkpoints (last N), workdir/best (top-1), workdir/metrics.jsonl,
 workdir/deploy and workdir/student (for `riformer_jax.load_pretrained`).
 """
@@ -30,6 +31,8 @@ from riformer_jax import surgery
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final models.")
+flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() with "
+                  "the cluster's auto-detection (Cloud TPU, SLURM, Open MPI).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, multi-host.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, multi-host.")
 flags.DEFINE_integer("process_id", None, "This process, multi-host.")
@@ -110,7 +113,8 @@ def main(argv):
   config, workdir = FLAGS.config, FLAGS.workdir
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.coordinator_address or FLAGS.num_processes:
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    # CPU processes need gloo for cross-process collectives; accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
@@ -262,8 +266,8 @@ def main(argv):
       pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
                                  dict(kwargs, deploy=True), surgery.reparameterize(params),
                                  overwrite=True, source=workdir)
-  print(f"done: wrote {os.path.join(workdir, 'student')}"
-        f"{' and deploy' if deploy is not None else ''}", flush=True)
+    print(f"done: wrote {os.path.join(workdir, 'student')}"
+          f"{' and deploy' if deploy is not None else ''}", flush=True)
 
 
 if __name__ == "__main__":

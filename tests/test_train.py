@@ -1,8 +1,10 @@
 """train.py end to end on the embedded data set: resume after SIGTERM and kill -9,
 teachers, config errors. Each run is a real process, as a user starts it."""
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +110,28 @@ def test_bad_configuration_is_named(tmp_path):
   assert code != 0 and "batch_sise" in output
   code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
   assert code != 0 and "config.teachers.logit" in output and "convert.py" in output
+
+
+def test_two_processes_over_loopback_match_one_with_eight_devices(straight, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  with socket_port() as port:
+    processes = [subprocess.Popen(
+        [sys.executable, "train.py", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", *SHORT, f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  for reference, two_hosts in zip(jax.tree.leaves(final_params(straight[0])),
+                                  jax.tree.leaves(final_params(tmp_path))):
+    np.testing.assert_allclose(two_hosts, reference, rtol=1e-5, atol=1e-7)
+
+
+@contextlib.contextmanager
+def socket_port():
+  """A free local TCP port for the coordinator."""
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  yield port
