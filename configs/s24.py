@@ -1,7 +1,12 @@
-"""RIFormer-S24, the paper's final recipe (Table 10)."""
+"""RIFormer-S24: the paper's final recipe (Table 10), or with
+`configs/s24.py:ft384` the 384 fine-tuning recipe."""
 
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
+  if arg == "ft384":
+    return common.finetune_384_config("s24")
+  if arg:
+    raise ValueError(f"configs/s24.py: unknown argument {arg!r}; expected ft384")
   return common.riformer_config("s24")

@@ -1,0 +1,43 @@
+"""Every shipped config builds: its model exists, its MI blocks exist in that model,
+every loss term is configured, and the CLI rejects misspelt fields."""
+
+import importlib
+
+import pytest
+
+import riformer_jax
+from riformer_jax import distill, models
+
+ROADMAP_ROWS = ["pool_ce", "identity_ce", "identity_label_hard", "identity_hard",
+                "identity_label_soft", "identity_soft", "affine_ce", "affine_label_hard",
+                "affine_hard", "affine_label_soft", "affine_soft", "mi_f40_r0_l6",
+                "mi_f80_r10_l6", "mi_f80_r20_l4", "mi_f80_r20_l4_init"]
+CONFIGS = ([(size, None) for size in ("s12", "s24", "s36", "m36", "m48")] +
+           [(size, "ft384") for size in ("s12", "m48")] +
+           [("roadmap", row) for row in ROADMAP_ROWS] + [("tiny", None),
+                                                        ("tiny", "with_teacher")])
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_config_is_consistent(name, arg):
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config(arg) if arg else module.get_config()
+  assert set(config.losses) == set(distill.TERMS)
+  model = riformer_jax.create_model(config.model_name, **config.model)
+  depths = models.model_kwargs(config.model_name, **config.model)["depths"]
+  for block in config.distill.mi_blocks:
+    stage, index = (int(part.split("_")[1]) for part in block.split("/"))
+    assert index < depths[stage], block
+  assert config.batch_size % 16 == 0 and model.num_classes == config.model.num_classes
+
+
+def test_roadmap_rows_follow_the_paper():
+  roadmap = importlib.import_module("configs.roadmap")
+  soft = roadmap.get_config("affine_soft").losses
+  assert (soft.ce.weight, soft.soft_kd.weight, soft.mi_in.weight) == (0.0, 1.0, 0.0)
+  mi = roadmap.get_config("mi_f80_r20_l4_init")
+  assert (mi.losses.mi_in.end_epoch, mi.losses.mi_rel.end_epoch) == (80, 20)
+  assert len(mi.distill.mi_blocks) == 4 and mi.teachers.init_from_feature
+  assert roadmap.get_config("identity_ce").model_name == "identityformer_s12"
+  with pytest.raises(ValueError, match="unknown roadmap row 'affine_medium'"):
+    roadmap.get_config("affine_medium")
