@@ -156,3 +156,29 @@ def test_fsdp_shards_large_axes_and_keeps_results(setup):
   np.testing.assert_allclose(metrics["loss/total"], expected["loss/total"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_tracks_the_params(setup):
+  images, labels, student, params, _ = setup
+  distiller = make_distiller(student, ema_decay=0.75)
+  state = distiller.init_state(params)
+  new, _ = jax.jit(distiller.train_step)(state, images, labels, weights(ce=1.0),
+                                         jax.random.key(0))
+  for ema, before, after in zip(*map(jax.tree.leaves,
+                                     (new.ema_params, params, new.params))):
+    np.testing.assert_allclose(ema, 0.75 * before + 0.25 * after, rtol=1e-6, atol=1e-7)
+
+
+def test_rematerialisation_changes_memory_not_results(setup):
+  images, labels, _, params, _ = setup
+  results = []
+  for remat in (False, True):
+    student = riformer_jax.create_model("riformer_s12", **TINY, remat=remat,
+                                        drop_path_rate=0.2)
+    distiller = make_distiller(student)
+    new, metrics = jax.jit(distiller.train_step)(
+        distiller.init_state(params), images, labels, weights(ce=1.0), jax.random.key(0))
+    results.append((metrics["loss/total"], new.params))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
