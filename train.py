@@ -107,17 +107,8 @@ class MetricsWriter:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config, workdir = FLAGS.config, FLAGS.workdir
-  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    # CPU processes need gloo for cross-process collectives; accelerators ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+def train_and_evaluate(config, workdir):
+  """Trains (or resumes) in `workdir`; returns the final evaluation metrics."""
   os.makedirs(workdir, exist_ok=True)
   mesh = distill.make_mesh()
   if config.batch_size % (jax.device_count() * config.accum_steps * 2):
@@ -249,7 +240,7 @@ def main(argv):
     if requested:
       print(f"SIGTERM: saved step {done}, exiting", flush=True)
       checkpoints.wait_until_finished()
-      return
+      return None
 
   checkpoints.wait_until_finished()
   results = evaluate(eval_fns, state, eval_source, config, mesh)
@@ -268,6 +259,20 @@ def main(argv):
                                  overwrite=True, source=workdir)
     print(f"done: wrote {os.path.join(workdir, 'student')}"
           f"{' and deploy' if deploy is not None else ''}", flush=True)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    # CPU processes need gloo for cross-process collectives; accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
