@@ -153,7 +153,8 @@ def params_from_torch(state_dict, name, fmt="auto", num_classes=None, seed=0):
       source_classes = int(np.shape(state_dict[key])[0])  # (classes, ...) in PyTorch
       break
   if source_classes is None:
-    raise KeyError(f"checkpoint has no classifier ({[state_dict_lib.torch_key(p, fmt) for p in classifier]})")
+    wanted = [state_dict_lib.torch_key(path, fmt) for path in classifier]
+    raise KeyError(f"checkpoint has no classifier: none of {wanted}")
 
   model = models.create_model(name, **kwargs, num_classes=source_classes)
   abstract = counting.abstract_variables(model, 64)["params"]

@@ -2,6 +2,7 @@
 teachers, config errors. Each run is a real process, as a user starts it."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -65,7 +66,7 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   workdir, output = straight
   assert "deploy/top1" in output
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  final = eval(lines[-1])  # noqa: S307 (our own JSON of floats)
+  final = json.loads(lines[-1])
   assert final["step"] == 12 and final["student/top1"] == final["deploy/top1"]
   deploy, variables = riformer_jax.load_pretrained(workdir / "deploy")
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
@@ -99,7 +100,7 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path):
                      config="configs/tiny.py:with_teacher")
   assert code == 0, output
   assert "teacher_logit/top1" in output and "teacher_feature/top1" in output
-  logged = [eval(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: S307
+  logged = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
   train_lines = [m for m in logged if "loss/total" in m]
   assert all(m["loss/soft_kd"] > 0 and m["loss/mi_in"] > 0 and m["loss/ce"] > 0
              for m in train_lines)
