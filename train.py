@@ -50,7 +50,7 @@ def loss_weights(losses, epoch):
   return weights
 
 
-def load_teacher(directory, role, dtype):
+def load_teacher(directory, role, dtype, num_classes):
   if not directory:
     return None
   if not os.path.isfile(os.path.join(directory, pretrained.MANIFEST)):
@@ -59,6 +59,10 @@ def load_teacher(directory, role, dtype):
         f"PyTorch weights first, e.g. `python convert.py --arch gfnet_h_b --src "
         f"gfnet-h-b.pth --dst {directory}` (README, 'Importing and exporting weights').")
   module, variables = pretrained.load_pretrained(directory, dtype=dtype)
+  if module.num_classes != num_classes:
+    raise app.UsageError(
+        f"config.teachers.{role}={directory!r} predicts {module.num_classes} classes, "
+        f"the student {num_classes}: fine-tune the teacher on this label set first")
   return distill.Teacher(module, variables)
 
 
@@ -125,14 +129,15 @@ def train_and_evaluate(config, workdir):
       config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
       seed=config.seed, class_names=getattr(train_source, "class_names", None))
   teacher_dtype = jnp.dtype(config.teachers.compute_dtype)
-  teachers = {role: load_teacher(config.teachers[role], role, teacher_dtype)
+  teachers = {role: load_teacher(config.teachers[role], role, teacher_dtype,
+                                config.model.num_classes)
               for role in ("logit", "feature")}
 
   dtype = jnp.dtype(config.compute_dtype)
   student = models.create_model(config.model_name, **config.model, dtype=dtype,
                                 remat=config.remat)
   deploy = (models.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
-            if student.token_mixer == "affine" else None)
+            if getattr(student, "token_mixer", None) == "affine" else None)
 
   steps_per_epoch = input_pipeline.steps_per_epoch(
       train_source, config.batch_size, jax.process_count())
