@@ -29,6 +29,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 TOKEN_MIXERS = ("pooling", "affine", "identity")
@@ -152,6 +153,68 @@ class MetaFormerBlock(nn.Module):
     return x
 
 
+class _NormParams(nn.Module):
+  """GroupNorm's parameters without its computation, under GroupNorm's names."""
+
+  @nn.compact
+  def __call__(self, dim):
+    return (self.param("scale", nn.initializers.ones, (dim,)),
+            self.param("bias", nn.initializers.zeros, (dim,)))
+
+
+class FusedDeployBlock(nn.Module):
+  """The deploy block with both norms folded into per-channel affine maps of x.
+
+  With per-sample, per-channel spatial means m_c and variances v_c of the block input
+  x (a GroupNorm(1) needs only these), `x1 = x + ls1 * norm_reparam(x)` is `a * x + b`
+  and `norm2(x1)` is `A * x + B` for (N, C) coefficients a, b, A, B: the moments of x1
+  follow from those of x (mean a m + b, variance a^2 v). The block then reads x once
+  more to produce both x1 and fc1's input, instead of materialising x1 and reading it
+  twice for norm2's statistics. Same parameters (and names) as the deploy block;
+  inference only. Exact up to float rounding: the variances combine two-pass
+  per-channel variances, never E[x^2] - E[x]^2.
+  """
+
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0  # accepted like MetaFormerBlock's; inference has none
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if train:
+      raise ValueError("the fused deploy block is for inference (train=False)")
+    dim, eps = x.shape[-1], 1e-5
+    gamma1, beta1 = _NormParams(name="norm_reparam")(dim)
+    ls1 = self.param("layer_scale1", nn.initializers.ones, (dim,))
+    gamma2, beta2 = _NormParams(name="norm2")(dim)
+    ls2 = self.param("layer_scale2", nn.initializers.ones, (dim,))
+
+    x = x.astype(jnp.float32)
+    means = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
+    variances = jnp.mean(jnp.square(x - means), axis=(1, 2), keepdims=True)
+
+    def group_stats(m, v):  # GroupNorm(1) statistics from per-channel ones
+      mu = jnp.mean(m, axis=-1, keepdims=True)
+      var = jnp.mean(v + jnp.square(m - mu), axis=-1, keepdims=True)
+      return mu, jax.lax.rsqrt(var + eps)
+
+    mu1, inv1 = group_stats(means, variances)
+    a = 1.0 + ls1 * gamma1 * inv1
+    b = ls1 * (beta1 - gamma1 * mu1 * inv1)
+    mu2, inv2 = group_stats(a * means + b, jnp.square(a) * variances)
+    big_a = gamma2 * a * inv2
+    big_b = gamma2 * (b - mu2) * inv2 + beta2
+
+    self.sow("intermediates", "block_input", x)
+    self.sow("intermediates", "mixer_output", gamma1 * (x - mu1) * inv1 + beta1)
+    residual = a * x + b
+    hidden = Mlp(int(dim * self.mlp_ratio), 0.0, self.dtype, name="mlp")(
+        (big_a * x + big_b).astype(self.dtype), train)
+    x = residual + ls2 * hidden
+    self.sow("intermediates", "block_output", x)
+    return x
+
+
 class MetaFormerStage(nn.Module):
   """An optional 3x3/2 downsampling conv followed by `len(drop_path_rates)` blocks."""
 
@@ -190,6 +253,7 @@ class MetaFormer(nn.Module):
       "timm" (pool, LayerNorm over C with eps 1e-6, fc: timm's PoolFormer port).
     dtype: compute dtype (e.g. jnp.bfloat16 on accelerators).
     remat: recompute each block in the backward pass instead of storing it.
+    fused: with deploy=True, `FusedDeployBlock`s (same params; inference only).
 
   Call: `module.apply(variables, images_nhwc, train=False)` returns float32 logits;
   `train=True` enables dropout and drop path and needs `rngs={"dropout": key}`.
@@ -207,12 +271,15 @@ class MetaFormer(nn.Module):
   head: str = "original"
   dtype: Any = jnp.float32
   remat: bool = False
+  fused: bool = False
 
   def __post_init__(self):
     if self.token_mixer not in TOKEN_MIXERS:
       raise ValueError(f"token_mixer={self.token_mixer!r}: expected one of {TOKEN_MIXERS}")
     if self.head not in HEADS:
       raise ValueError(f"head={self.head!r}: expected one of {HEADS}")
+    if self.fused and not self.deploy:
+      raise ValueError("fused=True folds the deploy form's norms; it needs deploy=True")
     if self.deploy and self.token_mixer != "affine":
       raise ValueError(
           f"deploy=True fuses RIFormer's affine mixer into norm1; token_mixer="
@@ -234,6 +301,9 @@ class MetaFormer(nn.Module):
         block_class, token_mixer=self.token_mixer, deploy=self.deploy,
         mlp_ratio=self.mlp_ratio, layer_scale_init_value=self.layer_scale_init_value,
         drop_rate=self.drop_rate, dtype=self.dtype)
+    if self.fused:
+      block = functools.partial(FusedDeployBlock, mlp_ratio=self.mlp_ratio,
+                                dtype=self.dtype)
     for i, (dim, rates) in enumerate(zip(
         self.dims, stagewise_drop_path_rates(self.depths, self.drop_path_rate))):
       x = MetaFormerStage(dim, rates, downsample=i > 0, block=block, dtype=self.dtype,

@@ -158,3 +158,20 @@ def test_deploy_taps_equal_training_time_taps(images):
   assert flat[False].keys() == flat[True].keys()
   for path, (value,) in flat[False].items():
     assert relative_error(flat[True][path][0], value) <= 1e-5, path
+
+
+@pytest.mark.parametrize("name,overrides", [("riformer_s12", TINY), ("riformer_s12", {})])
+def test_fused_deploy_block_matches_the_deploy_form(name, overrides):
+  deploy = riformer_jax.create_model(name, **overrides, deploy=True)
+  fused = riformer_jax.create_model(name, **overrides, deploy=True, fused=True)
+  images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 3 + 1
+  params = randomize(deploy.init(jax.random.key(0), images[:1])["params"], seed=2)
+  expected = deploy.apply({"params": params}, images)
+  assert relative_error(fused.apply({"params": params}, images), expected) < 1e-5
+  # The taps agree too, so analysis code can use either.
+  _, taps = fused.apply({"params": params}, images, mutable=["intermediates"])
+  _, reference = deploy.apply({"params": params}, images, mutable=["intermediates"])
+  for a, b in zip(jax.tree.leaves(taps), jax.tree.leaves(reference)):
+    assert relative_error(a, b) < 1e-5
+  with pytest.raises(ValueError, match="needs deploy=True"):
+    riformer_jax.create_model(name, fused=True)
