@@ -122,12 +122,15 @@ def train_and_evaluate(config, workdir):
         f"of {jax.device_count()} devices")
 
   # Data and teachers first: a missing one stops here, before anything is compiled.
-  train_source = input_pipeline.get_source(config.data.dataset, config.data.train_split,
-                                           data_dir=config.data.data_dir or None,
-                                           seed=config.seed)
-  eval_source = input_pipeline.get_source(
-      config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
-      seed=config.seed, class_names=getattr(train_source, "class_names", None))
+  try:
+    train_source = input_pipeline.get_source(
+        config.data.dataset, config.data.train_split,
+        data_dir=config.data.data_dir or None, seed=config.seed)
+    eval_source = input_pipeline.get_source(
+        config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
+        seed=config.seed, class_names=getattr(train_source, "class_names", None))
+  except FileNotFoundError as e:  # the message says how to obtain the data
+    raise app.UsageError(f"config.data: {e}") from e
   teacher_dtype = jnp.dtype(config.teachers.compute_dtype)
   teachers = {role: load_teacher(config.teachers[role], role, teacher_dtype,
                                 config.model.num_classes)

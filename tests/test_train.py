@@ -111,6 +111,9 @@ def test_bad_configuration_is_named(tmp_path):
   assert code != 0 and "batch_sise" in output
   code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
   assert code != 0 and "config.teachers.logit" in output and "convert.py" in output
+  code, output = run(tmp_path, "--config.data.dataset=imagenet2012",
+                     f"--config.data.data_dir={tmp_path}")
+  assert code != 0 and "ILSVRC2012_img_train.tar" in output and "tfds build" in output
 
 
 def test_two_processes_over_loopback_match_one_with_eight_devices(straight, tmp_path):
