@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test summary clean
+.PHONY: test test-all summary clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -11,9 +11,13 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
-# About 3 minutes on 2 cores, most of it on full-size models against PyTorch.
+# The default suite (what CI runs), about 10 minutes on 2 cores.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
+
+# Also the slow tests: two training processes over loopback, SIGTERM resume, export.
+test-all: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests -m "slow or not slow"
 
 # Parameters and MACs of every registered model at 224 (no downloads).
 summary: $(BIN)/.installed

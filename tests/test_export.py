@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import riformer_jax
 from riformer_jax import export, pretrained
@@ -27,6 +28,7 @@ np.save(sys.argv[3], logits[1]); np.save(sys.argv[3] + ".first", logits[0])
 """
 
 
+@pytest.mark.slow
 def test_exports_reload_without_the_project_and_match(tmp_path):
   model = riformer_jax.create_model("riformer_s12", **TINY, deploy=True)
   params = randomize(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"], 1)

@@ -72,7 +72,8 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [
+    signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_run_is_bit_identical(straight, tmp_path, sig):
   code, output = interrupt(tmp_path, sig)
   if sig == signal.SIGKILL:
@@ -116,6 +117,7 @@ def test_bad_configuration_is_named(tmp_path):
   assert code != 0 and "ILSVRC2012_img_train.tar" in output and "tfds build" in output
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback_match_one_with_eight_devices(straight, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   with socket_port() as port:
