@@ -220,7 +220,8 @@ def train_and_evaluate(config, workdir):
   signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
 
   recipe = augment.TrainAugment(
-      size=config.resolution, scale=tuple(config.aug.scale), hflip=config.aug.hflip,
+      size=config.resolution, scale=tuple(config.aug.scale),
+      ratio=tuple(config.aug.ratio), hflip=config.aug.hflip,
       auto_augment=config.aug.auto_augment or None, re_prob=config.aug.re_prob)
   batches = input_pipeline.global_batches(input_pipeline.train_batches(
       train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,

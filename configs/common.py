@@ -65,7 +65,8 @@ def riformer_config(size):
       auto_augment="rand-m9-mstd0.5-inc1",  # or "original" (AutoAugment) or ""
       re_prob=0.25,
       hflip=0.5,
-      scale=(0.08, 1.0),
+      scale=(0.08, 1.0),  # random-resized crop: area and aspect-ratio ranges
+      ratio=(3 / 4, 4 / 3),
       mixup=0.8,
       cutmix=1.0,
       switch_prob=0.5,

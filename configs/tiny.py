@@ -4,9 +4,9 @@
   python train.py --config=configs/tiny.py:with_teacher --workdir=/tmp/tiny_kd \\
       --config.teachers.feature=DIR   # a PoolFormer of the same tiny shape
 
-Same recipe structure as configs/s12.py, scaled down: 64x64 images, depths (1, 1, 2, 1),
-no flips (they change the embedded set's classes), gentle crops (a crop that cuts a
-blob off changes the class too), no RandAugment or erasing.
+Same recipe structure as configs/s12.py, scaled down: the embedded set's 96x96 images,
+depths (1, 1, 2, 1), and no augmentation: its class is the orientation of a pair of
+blobs (docs/data.md), which flips, aspect-changing crops and rotations would change.
 """
 
 from configs import common
@@ -20,14 +20,17 @@ def get_config(arg=None):
   config.model.drop_path_rate = 0.0
   config.compute_dtype = "float32"
   config.teachers.compute_dtype = "float32"
-  config.resolution = 64
+  config.resolution = 96
   config.data.dataset = "synthetic"
   config.data.eval_split = "test"
   config.data.crop_pct = 0.0
   config.aug.auto_augment = ""
   config.aug.re_prob = 0.0
   config.aug.hflip = 0.0
-  config.aug.scale = (0.85, 1.0)
+  config.aug.scale = (1.0, 1.0)
+  config.aug.ratio = (1.0, 1.0)
+  config.aug.mixup = 0.0
+  config.aug.cutmix = 0.0
   config.batch_size = 64
   config.epochs = 2
   config.warmup_epochs = 1

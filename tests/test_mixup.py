@@ -1,0 +1,146 @@
+"""Mixup/CutMix/label smoothing against timm's Mixup, and the invariants a trainer needs."""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference  # noqa: F401  (makes timm importable)
+from timm.data import mixup as timm_mixup
+
+from riformer_jax import input_pipeline, mixup
+
+
+def _images(batch=6, size=8, seed=0):
+  return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1, 0.37, 0.5, 0.93, 1.0])
+@pytest.mark.parametrize("center", [(0, 0), (5, 17), (31, 31), (12, 3)])
+def test_cutmix_box_matches_timm(lam, center):
+  with mock.patch.object(np.random, "randint", side_effect=list(center)):
+    expected = timm_mixup.rand_bbox((2, 3, 32, 32), lam)
+  box = mixup.cutmix_box(jnp.float32(lam), center[0], center[1], 32, 32)
+  assert [int(v) for v in box] == [int(v) for v in expected]
+
+
+@pytest.mark.parametrize("key", range(12))
+def test_mixing_matches_timm_for_the_same_draw(key):
+  """Given our draw (kind, lambda, box), timm's batch-mode Mixup gives the same output."""
+  x = _images()
+  y = np.array([0, 3, 2, 1, 4, 0])
+  params = mixup.sample_mix_params(jax.random.key(key), 8, 8)
+  mixed, targets = mixup.apply_mix(params, jnp.asarray(x), jnp.asarray(y), 5, 0.1)
+  reference = timm_mixup.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                               num_classes=5)
+  lam, box = float(params.lam), tuple(int(v) for v in params.box)
+  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  with mock.patch.object(reference, "_params_per_batch",
+                         return_value=(lam, bool(params.use_cutmix))), \
+       mock.patch.object(timm_mixup, "cutmix_bbox_and_lam", return_value=(box, lam)):
+    x_ref, t_ref = reference(x_torch, torch.from_numpy(y))
+  np.testing.assert_array_equal(np.asarray(mixed), x_ref.numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(targets), t_ref.numpy(), atol=1e-6)
+
+
+def test_invariants_over_many_draws():
+  """Targets sum to one; mixup is the lambda blend; CutMix's lambda is the kept area."""
+  batch, size, classes = 8, 16, 10
+  # Sample i is the constant i + 1 everywhere, so every pixel tells its source.
+  x = jnp.broadcast_to(jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None],
+                       (batch, size, size, 3))
+  y = jnp.arange(batch) % classes
+  run = jax.jit(jax.vmap(lambda k: mixup.mix_batch(k, x, y, classes)))
+  keys = jax.random.split(jax.random.key(0), 400)
+  mixed, targets = run(keys)
+  params = jax.vmap(lambda k: mixup.sample_mix_params(
+      jax.random.split(k, 1)[0], size, size))(keys)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
+  assert float(targets.min()) >= 0.1 / classes * 0.999
+  lam = np.asarray(params.lam)
+  cut = np.asarray(params.use_cutmix)
+  own = np.asarray(mixed)[:, 0, :, :, 0] == 1.0  # sample 0's own pixels
+  kept = own.mean(axis=(1, 2))
+  np.testing.assert_allclose(kept[cut], lam[cut], atol=1e-6)
+  blend = lam[~cut] * 1.0 + (1 - lam[~cut]) * batch
+  np.testing.assert_allclose(np.asarray(mixed)[~cut, 0, 0, 0, 0], blend, rtol=1e-5)
+  # Label mass follows the pixels: sample 0 gets lam of its class, 1 - lam of the last.
+  on = 1 - 0.1 + 0.1 / classes
+  np.testing.assert_allclose(np.asarray(targets)[:, 0, 0], lam * on + (1 - lam) * 0.01
+                             if y[-1] != y[0] else on, atol=1e-5)
+  # Switch probability 0.5; mixup's Beta(0.8, 0.8) has mean 0.5. CutMix's corrected
+  # lambda is larger on average: boxes clipped at the border take fewer pixels.
+  assert 0.4 < cut.mean() < 0.6
+  assert 0.4 < lam[~cut].mean() < 0.6 and 0.5 < lam[cut].mean() < 0.85
+
+
+def test_options_disable_and_switch():
+  x, y = jnp.asarray(_images()), jnp.arange(6)
+  keys = jax.random.split(jax.random.key(1), 64)
+  off = jax.vmap(lambda k: mixup.sample_mix_params(k, 8, 8, prob=0.0))(keys)
+  assert np.all(np.asarray(off.lam) == 1.0) and not np.any(off.use_cutmix)
+  only_mixup = jax.vmap(lambda k: mixup.sample_mix_params(k, 8, 8, switch_prob=0.0))(keys)
+  assert not np.any(only_mixup.use_cutmix)
+  only_cutmix = jax.vmap(lambda k: mixup.sample_mix_params(k, 8, 8, mixup_alpha=0.0))(keys)
+  assert np.mean(only_cutmix.use_cutmix) > 0.9
+  images, targets = mixup.mix_batch(keys[0], x, y, 6, mixup_alpha=0.0, cutmix_alpha=0.0)
+  np.testing.assert_array_equal(images, x)
+  np.testing.assert_allclose(targets, mixup.smooth_one_hot(y, 6, 0.1))
+  with pytest.raises(ValueError, match="even"):
+    mixup.mix_batch(keys[0], x[:5], y[:5], 6)
+
+
+def test_deterministic_per_key():
+  x, y = jnp.asarray(_images()), jnp.arange(6)
+  a = mixup.mix_batch(jax.random.key(3), x, y, 6)
+  b = mixup.mix_batch(jax.random.key(3), x, y, 6)
+  c = mixup.mix_batch(jax.random.key(4), x, y, 6)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.array_equal(a[0], c[0])
+
+
+def test_groups_mix_within_themselves():
+  batch, groups = 8, 2
+  x = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.float32)[:, None, None, None],
+                       (batch, 8, 8, 1))
+  y = jnp.arange(batch)
+  for key in range(10):
+    mixed, targets = mixup.mix_batch(jax.random.key(key), x, y, batch, num_groups=groups,
+                                     label_smoothing=0.0)
+    for g in range(groups):
+      rows = slice(g * 4, (g + 1) * 4)
+      assert float(mixed[rows].min()) >= g * 4 - 1e-5
+      assert float(mixed[rows].max()) <= g * 4 + 3 + 1e-5
+      assert float(targets[rows][:, [c for c in range(batch) if c // 4 != g]].sum()) == 0
+
+
+def test_teacher_and_student_see_the_same_mixed_batch_on_a_sharded_mesh():
+  """Inside one jitted step on 8 devices, both models take the array mix_batch made."""
+  mesh = jax.make_mesh((8,), ("data",))
+  host = {"image": _images(batch=16, size=8), "label": np.arange(16, dtype=np.int32) % 5}
+  batch = input_pipeline.to_global(host, mesh)
+  assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+  def teacher(images):
+    return images * 2.0
+
+  def student(images):
+    return images + 1.0
+
+  @jax.jit
+  def step(key, batch):
+    images, targets = mixup.mix_batch(key, batch["image"], batch["label"], 5)
+    return teacher(images) / 2.0, student(images) - 1.0, images, targets
+
+  seen_by_teacher, seen_by_student, images, targets = step(jax.random.key(5), batch)
+  np.testing.assert_allclose(seen_by_teacher, images, rtol=1e-6)
+  np.testing.assert_allclose(seen_by_student, images, atol=1e-6)
+  # Sharding does not change the draw: same result as on one device.
+  expected, expected_targets = mixup.mix_batch(
+      jax.random.key(5), jnp.asarray(host["image"]), jnp.asarray(host["label"]), 5)
+  np.testing.assert_allclose(images, expected, atol=1e-6)
+  np.testing.assert_allclose(targets, expected_targets, atol=1e-6)
