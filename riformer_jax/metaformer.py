@@ -26,7 +26,7 @@ passes `mutable=["intermediates"]`; otherwise `sow` does nothing.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -216,19 +216,16 @@ class FusedDeployBlock(nn.Module):
 
 
 class MetaFormerStage(nn.Module):
-  """An optional 3x3/2 downsampling conv followed by `len(drop_path_rates)` blocks."""
+  """An optional downsampling layer followed by `len(drop_path_rates)` blocks."""
 
-  dim: int
   drop_path_rates: Sequence[float]
-  downsample: bool
-  block: functools.partial  # MetaFormerBlock with everything but drop_path_rate set
-  dtype: Any = jnp.float32
+  downsample: Optional[Callable[..., nn.Module]]  # a module factory taking `name`
+  block: functools.partial  # a block class with everything but drop_path_rate set
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if self.downsample:
-      x = nn.Conv(self.dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                  dtype=self.dtype, kernel_init=weight_init, name="downsample")(x)
+    if self.downsample is not None:
+      x = self.downsample(name="downsample")(x)
     x = x.astype(jnp.float32)  # the residual stream is float32 (module docstring)
     for j, rate in enumerate(self.drop_path_rates):
       x = self.block(drop_path_rate=rate, name=f"blocks_{j}")(x, train)
@@ -306,8 +303,10 @@ class MetaFormer(nn.Module):
                                 dtype=self.dtype)
     for i, (dim, rates) in enumerate(zip(
         self.dims, stagewise_drop_path_rates(self.depths, self.drop_path_rate))):
-      x = MetaFormerStage(dim, rates, downsample=i > 0, block=block, dtype=self.dtype,
-                          name=f"stages_{i}")(x, train)
+      downsample = functools.partial(
+          nn.Conv, dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+          dtype=self.dtype, kernel_init=weight_init) if i > 0 else None
+      x = MetaFormerStage(rates, downsample, block, name=f"stages_{i}")(x, train)
     return ClassifierHead(self.num_classes, self.head, self.dtype, name="head")(x)
 
 

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from riformer_jax.metaformer import (
-    Pooling, check_stages_and_rates, stagewise_drop_path_rates, weight_init)
+    MetaFormerStage, Pooling, check_stages_and_rates, stagewise_drop_path_rates,
+    weight_init)
 
 TOKEN_MIXERS = ("pooling", "sepconv", "attention")
 NORMS = ("groupnorm", "layernorm")
@@ -248,8 +249,10 @@ class MetaFormerBaseline(nn.Module):
       block = functools.partial(
           BaselineBlock, token_mixer=self.token_mixers[i], norm=self.norm,
           res_scale=self.res_scale[i], drop_rate=self.drop_rate, dtype=self.dtype)
-      x = BaselineStage(self.dims[i], rates, downsample=i > 0, block=block,
-                        dtype=self.dtype, name=f"stages_{i}")(x, train)
+      downsample = functools.partial(
+          ConvNorm, self.dims[i], 3, 2, 1, norm_first=True, dtype=self.dtype
+      ) if i > 0 else None
+      x = MetaFormerStage(rates, downsample, block, name=f"stages_{i}")(x, train)
 
     return BaselineHead(self.num_classes, self.mlp_head, self.drop_rate, self.dtype,
                         name="head")(x, train)
@@ -273,23 +276,3 @@ class ConvNorm(nn.Module):
                    name="conv")
     norm = _norm("layernorm", self.dtype, "norm")
     return conv(norm(x)) if self.norm_first else norm(conv(x))
-
-
-class BaselineStage(nn.Module):
-  """An optional downsampling layer followed by `len(drop_path_rates)` blocks."""
-
-  dim: int
-  drop_path_rates: Sequence[float]
-  downsample: bool
-  block: functools.partial  # BaselineBlock with everything but drop_path_rate set
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    if self.downsample:
-      x = ConvNorm(self.dim, 3, 2, 1, norm_first=True, dtype=self.dtype,
-                   name="downsample")(x)
-    x = x.astype(jnp.float32)  # the residual stream is float32
-    for j, rate in enumerate(self.drop_path_rates):
-      x = self.block(drop_path_rate=rate, name=f"blocks_{j}")(x, train)
-    return x
