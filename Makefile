@@ -11,7 +11,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
-# The default suite (what CI runs), about 10 minutes on 2 cores.
+# The default suite (what CI runs), about 11 minutes on 2 cores.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
