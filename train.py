@@ -69,11 +69,11 @@ def load_teacher(directory, role, dtype, num_classes):
 def student_params(config, student, teachers):
   """Fresh init, then (Guideline 5) the feature teacher's weights but the mixer, or a
   student directory given as `config.init_from`."""
-  images = jnp.zeros((1, config.resolution, config.resolution, 3))
-  params = jax.jit(student.init)(jax.random.key(config.seed), images)["params"]
   if config.init_from:
     _, variables = pretrained.load_pretrained(config.init_from)
-    return variables["params"]
+    return jax.tree.map(np.array, variables["params"])  # own buffers (see below)
+  images = jnp.zeros((1, config.resolution, config.resolution, 3))
+  params = jax.jit(student.init)(jax.random.key(config.seed), images)["params"]
   if config.teachers.init_from_feature and teachers["feature"] is not None:
     params, report = riformer_jax.init_student_from_teacher(
         params, teachers["feature"].variables["params"])
