@@ -47,7 +47,8 @@ def save_saved_model(module, variables, resolution, directory):
   wrapper = tf.Module()
 
   @tf.function(input_signature=[tf.TensorSpec([None, resolution, resolution, 3],
-                                              tf.float32, name="images")])
+                                              tf.float32, name="images")],
+               autograph=False)  # plain call, nothing to convert (and no warnings)
   def serving_default(images):
     return {"logits": converted(images)}
 

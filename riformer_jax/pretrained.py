@@ -266,7 +266,11 @@ def load_pretrained(directory, **overrides):
   `drop_path_rate=0.1`). Ready for `module.apply(variables, images_nhwc, train=False)`.
   """
   manifest = read_manifest(directory)
-  model = models.create_model(manifest["model"], **{**manifest["kwargs"], **overrides})
+  # JSON turns tuples (depths, dims) into lists; tuples keep the module hashable, so
+  # it can be a static argument of jax.jit.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in manifest["kwargs"].items()}
+  model = models.create_model(manifest["model"], **{**kwargs, **overrides})
   abstract = counting.abstract_variables(model, 64)["params"]
   checkpointer = _local_checkpointer()
   target = {"params": abstract}
