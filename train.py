@@ -41,7 +41,8 @@ FLAGS = flags.FLAGS
 
 
 def loss_weights(losses, epoch):
-  """Each term's weight in `epoch`, 0 outside its window (traced, never recompiles)."""
+  """Each term's weight at (fractional) `epoch`, 0 outside its window (traced, never
+  recompiles)."""
   weights = {}
   for name in distill.TERMS:
     term = losses[name]
@@ -96,6 +97,14 @@ def evaluate(eval_fns, state, eval_source, config, mesh):
           for name in eval_fns for i, k in enumerate(("top1", "top5"))}
 
 
+def save_best(best, step, state, results):
+  """Keeps `state` in best/ if its top-1 is among the best; a step saved before an
+  interruption is not saved twice (orbax refuses)."""
+  if step not in best.all_steps():
+    best.save(step, args=ocp.args.StandardSave(state),
+              metrics={"top1": results["student/top1"]})
+
+
 class MetricsWriter:
   """metrics.jsonl (process 0) and the log."""
 
@@ -125,10 +134,10 @@ def train_and_evaluate(config, workdir):
   try:
     train_source = input_pipeline.get_source(
         config.data.dataset, config.data.train_split,
-        data_dir=config.data.data_dir or None, seed=config.seed)
+        data_dir=config.data.data_dir or None, seed=config.data.seed)
     eval_source = input_pipeline.get_source(
         config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
-        seed=config.seed, class_names=getattr(train_source, "class_names", None))
+        seed=config.data.seed, class_names=getattr(train_source, "class_names", None))
   except FileNotFoundError as e:  # the message says how to obtain the data
     raise app.UsageError(f"config.data: {e}") from e
   teacher_dtype = jnp.dtype(config.teachers.compute_dtype)
@@ -217,57 +226,59 @@ def train_and_evaluate(config, workdir):
                                  eval_source, config, mesh))
 
   stop = {"requested": False}
-  signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+  try:
+    recipe = augment.TrainAugment(
+        size=config.resolution, scale=tuple(config.aug.scale),
+        ratio=tuple(config.aug.ratio), hflip=config.aug.hflip,
+        auto_augment=config.aug.auto_augment or None, re_prob=config.aug.re_prob)
+    batches = input_pipeline.global_batches(input_pipeline.train_batches(
+        train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
+        start_step=start, num_steps=total_steps - start,
+        num_threads=config.data.num_threads or None), mesh)
+    eval_every = config.eval_every_epochs * steps_per_epoch
+    for step in range(start, total_steps):
+      batch = next(batches)
+      weights = loss_weights(config.losses, step / steps_per_epoch)
+      state, metrics = train_step(state, batch["image"], batch["label"], weights, rng,
+                                  teachers["logit"], teachers["feature"])
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        writer.write(done, {"epoch": done / steps_per_epoch, **jax.device_get(metrics)})
+      if done % eval_every == 0 and done != total_steps:
+        results = evaluate(eval_fns, state, eval_source, config, mesh)
+        writer.write(done, results)
+        save_best(best, done, state, results)
+      requested = stop["requested"]
+      if jax.process_count() > 1:  # every host stops at the same step
+        requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or requested:
+        checkpoints.save(done, args=ocp.args.StandardSave(state))
+      if requested:
+        print(f"SIGTERM: saved step {done}, exiting", flush=True)
+        checkpoints.wait_until_finished()
+        return None
 
-  recipe = augment.TrainAugment(
-      size=config.resolution, scale=tuple(config.aug.scale),
-      ratio=tuple(config.aug.ratio), hflip=config.aug.hflip,
-      auto_augment=config.aug.auto_augment or None, re_prob=config.aug.re_prob)
-  batches = input_pipeline.global_batches(input_pipeline.train_batches(
-      train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
-      start_step=start, num_steps=total_steps - start,
-      num_threads=config.data.num_threads or None), mesh)
-  eval_every = config.eval_every_epochs * steps_per_epoch
-  for step in range(start, total_steps):
-    batch = next(batches)
-    weights = loss_weights(config.losses, step // steps_per_epoch)
-    state, metrics = train_step(state, batch["image"], batch["label"], weights, rng,
-                                teachers["logit"], teachers["feature"])
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == total_steps:
-      writer.write(done, {"epoch": done / steps_per_epoch, **jax.device_get(metrics)})
-    if done % eval_every == 0 and done != total_steps:
-      results = evaluate(eval_fns, state, eval_source, config, mesh)
-      writer.write(done, results)
-      best.save(done, args=ocp.args.StandardSave(state),
-                metrics={"top1": results["student/top1"]})
-    requested = stop["requested"]
-    if jax.process_count() > 1:  # every host stops at the same step
-      requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
-    if done % config.checkpoint_every_steps == 0 or done == total_steps or requested:
-      checkpoints.save(done, args=ocp.args.StandardSave(state))
-    if requested:
-      print(f"SIGTERM: saved step {done}, exiting", flush=True)
-      checkpoints.wait_until_finished()
-      return None
-
-  checkpoints.wait_until_finished()
-  results = evaluate(eval_fns, state, eval_source, config, mesh)
-  writer.write(total_steps, results)
-  best.save(total_steps, args=ocp.args.StandardSave(state),
-            metrics={"top1": results["student/top1"]})
-  best.wait_until_finished()
-  if jax.process_index() == 0:
-    params = jax.device_get(state.params)
-    kwargs = dict(config.model)
-    pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
-                               kwargs, params, overwrite=True, source=workdir)
-    if deploy is not None:
-      pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
-                                 dict(kwargs, deploy=True), surgery.reparameterize(params),
-                                 overwrite=True, source=workdir)
-    print(f"done: wrote {os.path.join(workdir, 'student')}"
-          f"{' and deploy' if deploy is not None else ''}", flush=True)
+    checkpoints.wait_until_finished()
+    results = evaluate(eval_fns, state, eval_source, config, mesh)
+    writer.write(total_steps, results)
+    save_best(best, total_steps, state, results)
+    best.wait_until_finished()
+    if jax.process_index() == 0:
+      params = jax.device_get(state.params)
+      kwargs = dict(config.model)
+      pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
+                                 kwargs, params, overwrite=True, source=workdir)
+      if deploy is not None:
+        pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
+                                   dict(kwargs, deploy=True), surgery.reparameterize(params),
+                                   overwrite=True, source=workdir)
+      print(f"done: wrote {os.path.join(workdir, 'student')}"
+            f"{' and deploy' if deploy is not None else ''}", flush=True)
+  finally:  # the next run in this process (demo.py, roadmap.py) installs its own
+    signal.signal(signal.SIGTERM, previous_handler)
+  if stop["requested"]:  # came after the last step: now that all is written, obey it
+    signal.raise_signal(signal.SIGTERM)
   return results
 
 

@@ -25,9 +25,10 @@ REFERENCE_BATCH = 1024
 
 def term(weight, start_epoch=0, end_epoch=-1):
   """A loss term: `weight` from `start_epoch` (inclusive) to `end_epoch` (exclusive;
-  -1 = to the end)."""
-  return ml_collections.ConfigDict(dict(weight=float(weight), start_epoch=start_epoch,
-                                        end_epoch=end_epoch))
+  -1 = to the end). Epochs may be fractional: windows are checked every step."""
+  return ml_collections.ConfigDict(dict(weight=float(weight),
+                                        start_epoch=float(start_epoch),
+                                        end_epoch=float(end_epoch)))
 
 
 def last_block_of_each_stage(depths):
@@ -56,6 +57,7 @@ def riformer_config(size):
   config.data = ml_collections.ConfigDict(dict(
       dataset="imagenet2012",  # or "synthetic", "folder", "tfds:<name>"
       data_dir="",
+      seed=0,  # the embedded set's generation seed (config.seed varies the run only)
       train_split="train",
       eval_split="validation",
       crop_pct=0.9 if size.startswith("s") else 0.95,  # 0 = no resize before the crop

@@ -4,6 +4,7 @@ teachers, config errors. Each run is a real process, as a user starts it."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +71,16 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   assert final["step"] == 12 and final["student/top1"] == final["deploy/top1"]
   deploy, variables = riformer_jax.load_pretrained(workdir / "deploy")
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
+
+
+def test_rerunning_a_finished_run_evaluates_it_again(straight, tmp_path):
+  shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
+  code, output = run(tmp_path)
+  assert code == 0 and "resumed from step 12" in output, output
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[-1]) == json.loads(lines[-2])  # the same final evaluation
+  reference, again = final_params(straight[0]), final_params(tmp_path)
+  assert jax.tree.all(jax.tree.map(np.array_equal, reference, again))
 
 
 @pytest.mark.parametrize("sig", [
