@@ -3,13 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-all summary clean
+.PHONY: demo roadmap test test-all summary clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
+
+# The paper's idea end to end on the embedded data set: teacher, CE student, distilled
+# student, deploy form, one table and runs/demo/curves.png.
+demo: $(BIN)/.installed
+	$(BIN)/python demo.py --workdir=runs/demo
+
+# The roadmap (Tables 1-4, Guideline 5) at small scale, three seeds per row.
+roadmap: $(BIN)/.installed
+	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
 # The default suite (what CI runs), about 11 minutes on 2 cores.
 test: $(BIN)/.installed

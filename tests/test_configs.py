@@ -14,8 +14,10 @@ ROADMAP_ROWS = ["pool_ce", "identity_ce", "identity_label_hard", "identity_hard"
                 "mi_f80_r10_l6", "mi_f80_r20_l4", "mi_f80_r20_l4_init"]
 CONFIGS = ([(size, None) for size in ("s12", "s24", "s36", "m36", "m48")] +
            [(size, "ft384") for size in ("s12", "m48")] +
-           [("roadmap", row) for row in ROADMAP_ROWS] + [("tiny", None),
-                                                        ("tiny", "with_teacher")])
+           [("roadmap", row) for row in ROADMAP_ROWS] +
+           [("roadmap_small", row) for row in ROADMAP_ROWS] +
+           [("demo", role) for role in ("teacher", "ce", "distilled")] +
+           [("tiny", None), ("tiny", "with_teacher")])
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -41,3 +43,27 @@ def test_roadmap_rows_follow_the_paper():
   assert roadmap.get_config("identity_ce").model_name == "identityformer_s12"
   with pytest.raises(ValueError, match="unknown roadmap row 'affine_medium'"):
     roadmap.get_config("affine_medium")
+
+
+def test_small_roadmap_keeps_the_paper_s_fractions_of_training():
+  small = importlib.import_module("configs.roadmap_small")
+  config = small.get_config("mi_f80_r10_l6_init")
+  epochs = config.epochs
+  assert config.losses.mi_out.end_epoch == pytest.approx(epochs * 80 / 120)
+  assert config.losses.mi_rel.end_epoch == pytest.approx(epochs * 10 / 120)
+  assert len(config.distill.mi_blocks) == 6 and config.teachers.init_from_feature
+  assert config.model.depths == importlib.import_module("configs.demo").DEPTHS
+  assert small.get_config("affine_label_soft").losses.ce.weight == 0.5
+
+
+def test_demo_roles_differ_only_where_the_paper_says():
+  demo = importlib.import_module("configs.demo")
+  teacher, ce, distilled = (demo.get_config(role) for role in demo.ROLES)
+  assert (teacher.model_name, ce.model_name) == ("poolformer_s12", "riformer_s12")
+  assert ce.losses.ce.weight == 1.0 and not ce.teachers.init_from_feature
+  assert distilled.losses.ce.weight == 0.0 and distilled.losses.soft_kd.weight == 1.0
+  assert distilled.teachers.init_from_feature and distilled.losses.mi_rel.weight > 0
+  for field in ("model", "batch_size", "epochs", "lr", "data", "aug", "resolution"):
+    assert ce[field] == distilled[field], field
+  with pytest.raises(ValueError, match="unknown role 'student'"):
+    demo.get_config("student")

@@ -1,0 +1,186 @@
+"""The paper's roadmap (Tables 1-4, Guideline 5) at small scale, several seeds per row.
+
+  python roadmap.py --workdir=runs/roadmap --seeds=0,1,2            # embedded set
+  python roadmap.py --workdir=runs/roadmap_folder --dataset=folder \\
+      --data_dir=/data/my_images --num_classes=37 --resolution=96   # any image folder
+
+Trains the PoolFormer teacher once (configs/demo.py:teacher, seed 0, the demo's
+teacher) unless --teacher names one, then every row of configs/roadmap_small.py for every seed, each in
+WORKDIR/ROW/seed_S (a train.py workdir: finished runs are reused, interrupted ones
+resume). Writes WORKDIR/results.json and WORKDIR/results.md: test top-1 per seed, mean
+and sample standard deviation, the paper's ImageNet figure, and the wall time.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from configs import demo as demo_configs
+from configs import roadmap_small
+from riformer_jax import pretrained
+import train
+
+# (row, what it tests, the paper's ImageNet top-1 for RIFormer-S12 at 120 epochs).
+ROWS = (
+    ("pool_ce", "Table 1: PoolFormer, CE", 75.01),
+    ("identity_ce", "Table 1: IdentityFormer, CE", 72.31),
+    ("identity_label_hard", "Table 2: identity, 0.5 CE + 0.5 hard KD", 73.51),
+    ("identity_hard", "Table 2: identity, hard KD", None),
+    ("identity_label_soft", "Table 2: identity, 0.5 CE + 0.5 soft KD", None),
+    ("identity_soft", "Table 2: identity, soft KD (Guideline 1)", 74.05),
+    ("affine_ce", "Table 3: affine, CE", 72.25),
+    ("affine_label_hard", "Table 3: affine, 0.5 CE + 0.5 hard KD", 73.44),
+    ("affine_hard", "Table 3: affine, hard KD", 72.77),
+    ("affine_label_soft", "Table 3: affine, 0.5 CE + 0.5 soft KD", 72.10),
+    ("affine_soft", "Table 3: affine, soft KD", 74.07),
+    ("mi_f80_r20_l4", "Table 4: + module imitation, 4 layers", 75.13),
+    ("mi_f80_r10_l6", "Table 4: + module imitation, 6 layers, shorter L_rel", 75.08),
+    ("mi_f80_r20_l4_init", "Guideline 5: + teacher initialisation", 75.36),
+)
+
+def parse_args(argv=None):
+  # argparse, not absl flags: importing train.py defines absl flags of its own.
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", default="runs/roadmap",
+                      help="where the runs and the results go")
+  parser.add_argument("--seeds", default="0,1,2", help="seeds of every row")
+  parser.add_argument("--rows", default=",".join(row for row, _, _ in ROWS),
+                      help="rows to run (configs/roadmap.py)")
+  parser.add_argument("--teacher", default="",
+                      help="a PoolFormer directory to use as both teachers (default: "
+                           "train one with configs/demo.py:teacher in WORKDIR/teacher)")
+  parser.add_argument("--dataset", default="synthetic", help="config.data.dataset")
+  parser.add_argument("--data_dir", default="", help="config.data.data_dir")
+  parser.add_argument("--train_split", default="train", help="config.data.train_split")
+  parser.add_argument("--eval_split", default="test", help="config.data.eval_split")
+  parser.add_argument("--num_classes", type=int, default=10, help="classes of the data")
+  parser.add_argument("--resolution", type=int, default=96, help="input size")
+  parser.add_argument("--epochs", type=int, default=roadmap_small.EPOCHS,
+                      help="epochs of every row's run (loss windows scale with it); "
+                           "the teacher trains for the demo's 8")
+  args = parser.parse_args(argv)
+  args.seeds = [int(seed) for seed in args.seeds.split(",")]
+  args.rows = args.rows.split(",")
+  unknown = set(args.rows) - {row for row, _, _ in ROWS}
+  if unknown:
+    parser.error(f"--rows: unknown {sorted(unknown)}; see configs/roadmap.py")
+  return args
+
+
+def with_data(config, args, epochs):
+  """The command line's data set and size, and `epochs`, in place; returns the
+  train.py overrides that make the same config."""
+  changes = {"data.dataset": args.dataset, "data.data_dir": args.data_dir,
+             "data.train_split": args.train_split, "data.eval_split": args.eval_split,
+             "model.num_classes": args.num_classes, "resolution": args.resolution,
+             "epochs": epochs}
+  for name, term in config.losses.items():
+    if term.weight and term.end_epoch > 0:
+      changes[f"losses.{name}.end_epoch"] = term.end_epoch * epochs / config.epochs
+  overrides = []
+  for path, value in changes.items():
+    *parents, field = path.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if node[field] != value:
+      node[field] = value
+      overrides.append(f"--config.{path}={value!r}" if isinstance(value, float)
+                       else f"--config.{path}={value}")
+  return overrides
+
+
+def run(config, workdir, command):
+  """Final metrics of a train.py run, training it unless it has finished before."""
+  print(f"\n== {command}", flush=True)
+  results = os.path.join(workdir, "final.json")
+  if os.path.isfile(results):
+    with open(results) as f:
+      return json.load(f)
+  start = time.time()
+  final = train.train_and_evaluate(config, workdir)
+  if final is None:  # SIGTERM: train.py saved a checkpoint
+    sys.exit(f"interrupted: {workdir} saved; the same command resumes it")
+  final = dict(final, seconds=time.time() - start)
+  with open(results, "w") as f:
+    json.dump(final, f)
+  return final
+
+
+def markdown(results, teacher_top1, args, wall):
+  lines = [
+      f"Test top-1 (%) after {args.epochs} epochs, seeds "
+      f"{', '.join(map(str, args.seeds))}: mean ± sample std, each seed, and the "
+      f"paper's ImageNet top-1 for S12 at 120 epochs. Teacher (both roles): "
+      f"{teacher_top1:.1f}. Wall time {wall / 60:.0f} min.",
+      "",
+      "| row | what | top-1 | seeds | paper | min/run |",
+      "|---|---|---:|---|---:|---:|"]
+  for row, what, paper in ROWS:
+    if row not in results:
+      continue
+    top1 = np.array([r["student/top1"] for r in results[row]])
+    minutes = np.mean([r["seconds"] for r in results[row]]) / 60
+    spread = f" ± {top1.std(ddof=1):.1f}" if len(top1) > 1 else ""
+    lines.append(f"| `{row}` | {what} | {top1.mean():.1f}{spread} | "
+                 f"{', '.join(f'{t:.1f}' for t in top1)} | "
+                 f"{'' if paper is None else paper} | {minutes:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
+  # Rows differ in traced loss weights only, so most of their programs are the same:
+  # the persistent cache compiles each once instead of once per run.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.abspath(args.workdir), "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  start = time.time()
+  teacher = args.teacher
+  if teacher:
+    pretrained.read_manifest(teacher)  # fails early, naming the directory
+    teacher_top1 = float("nan")
+  else:
+    config = demo_configs.get_config("teacher")
+    workdir = os.path.join(args.workdir, "teacher")
+    overrides = with_data(config, args, config.epochs)
+    command = (f"python train.py --config=configs/demo.py:teacher --workdir={workdir} "
+               + " ".join(overrides))
+    teacher_top1 = run(config, workdir, command)["student/top1"]
+    teacher = os.path.join(workdir, "student")
+
+  results = {}
+  for row in args.rows:
+    for seed in args.seeds:
+      config = roadmap_small.get_config(row)
+      overrides = with_data(config, args, args.epochs)
+      config.seed = seed
+      config.teachers.logit = config.teachers.feature = teacher
+      workdir = os.path.join(args.workdir, row, f"seed_{seed}")
+      command = (f"python train.py --config=configs/roadmap_small.py:{row} "
+                 f"--workdir={workdir} --config.seed={seed} "
+                 f"--config.teachers.logit={teacher} --config.teachers.feature={teacher} "
+                 + " ".join(overrides))
+      results.setdefault(row, []).append(run(config, workdir, command))
+
+  wall = time.time() - start
+  table = markdown(results, teacher_top1, args, wall)
+  print("\n" + table, flush=True)
+  command = "python roadmap.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  with open(os.path.join(args.workdir, "results.md"), "w") as f:
+    f.write(f"{command}\n\n{table}")
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(dict(command=command, teacher=teacher, teacher_top1=teacher_top1,
+                   seeds=args.seeds, epochs=args.epochs, rows=results, seconds=wall),
+              f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
