@@ -182,3 +182,14 @@ def test_rematerialisation_changes_memory_not_results(setup):
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_eval_counts_with_fewer_than_five_classes():
+  model = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=2))
+  images = jax.random.normal(jax.random.key(0), (6, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images)
+  predicted = jnp.argmax(model.apply(variables, images), -1)
+  labels = predicted.at[:2].set(1 - predicted[:2])  # two wrong, four right
+  mask = jnp.array([True] * 5 + [False])  # the last (right) one is padding
+  top1, top5, count = distill.eval_counts(model, variables, images, labels, mask)
+  assert (int(top1), int(top5), int(count)) == (3, 5, 5)
