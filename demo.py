@@ -99,7 +99,7 @@ def plot_curves(workdir, path):
   plt.close(fig)
 
 
-def inference_throughput(teacher_dir, deploy_dir, batch, repeats=10):
+def inference_throughput(teacher_dir, deploy_dir, batch, repeats=30):
   """Images/s of PoolFormer and of the mixer-free deploy RIFormer, timed alternately
   in one loop so that load on the machine hits both alike."""
   fns, images = {}, None
