@@ -182,7 +182,7 @@ def main(argv=None):
       ("RIFormer, cross-entropy only", params["student"], top1["ce"], ""),
       ("RIFormer, distilled", params["student"], top1["distilled"], ""),
       ("RIFormer, distilled, deploy form", params["deploy"], final["distilled"]["deploy/top1"],
-       f"max |logit diff| {max_diff:.1e}"),
+       f"largest logit difference {max_diff:.1e}"),
   ]
   margin = top1["distilled"] - top1["ce"]
   table = ["| model | params | test top-1 (%) | |", "|---|---:|---:|---|"]

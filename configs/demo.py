@@ -61,9 +61,9 @@ def scale_module_imitation(config):
   """Module-imitation weights for this scale, in place (terms that are on only).
 
   Table 10's weights (configs/common.py) overwhelm soft KD here: at the start L_rel
-  alone weighed 600 times the soft-KD loss, and the student ended at 38.9% against
-  48.0% for cross-entropy (seed 0). These keep each term at most about the size of
-  L_soft (docs/roadmap.md).
+  alone weighed several hundred times the soft-KD loss, and the student ended at
+  38.9% against 48.0% for cross-entropy (seed 0). These keep each term at most about
+  the size of L_soft (docs/roadmap.md).
   """
   for name, weight in MI_WEIGHTS.items():
     if config.losses[name].weight:
