@@ -99,15 +99,14 @@ def plot_curves(workdir, path):
   plt.close(fig)
 
 
-def inference_throughput(teacher_dir, deploy_dir, batch, repeats=30):
+def inference_throughput(teacher_dir, deploy_dir, batch, resolution, repeats=30):
   """Images/s of PoolFormer and of the mixer-free deploy RIFormer, timed alternately
   in one loop so that load on the machine hits both alike."""
-  fns, images = {}, None
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(batch, resolution, resolution, 3)), jnp.float32)
+  fns = {}
   for name, directory in (("poolformer", teacher_dir), ("deploy", deploy_dir)):
     module, variables = pretrained.load_pretrained(directory)
-    size = 96 if images is None else images.shape[1]
-    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)),
-                         jnp.float32)
     fn = jax.jit(lambda x, m=module, v=variables: m.apply(v, x))
     jax.block_until_ready(fn(images))  # compile
     jax.block_until_ready(fn(images))  # warm up
@@ -164,9 +163,9 @@ def main(argv=None):
 
   print("\nmeasuring inference throughput ...", flush=True)
   distilled = os.path.join(workdir, "distilled")
-  speed = inference_throughput(teacher_dir, os.path.join(distilled, "deploy"),
-                               args.throughput_batch)
   resolution = demo_configs.get_config().resolution
+  speed = inference_throughput(teacher_dir, os.path.join(distilled, "deploy"),
+                               args.throughput_batch, resolution)
   max_diff = deploy_logit_difference(os.path.join(distilled, "student"),
                                      os.path.join(distilled, "deploy"), resolution)
   params = {}
