@@ -20,11 +20,12 @@ demo: $(BIN)/.installed
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The default suite (what CI runs), about 11 minutes on 2 cores.
+# The default suite (what CI runs), about 12 minutes on 2 cores.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
-# Also the slow tests: two training processes over loopback, SIGTERM resume, export.
+# Also the slow tests: two training processes over loopback, SIGTERM resume, export,
+# roadmap.py on an image folder.
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests -m "slow or not slow"
 
