@@ -99,14 +99,14 @@ def plot_curves(workdir, path):
   plt.close(fig)
 
 
-def inference_throughput(teacher_dir, deploy_dir, batch, resolution, repeats=30):
+def inference_throughput(models, batch, resolution, repeats=30):
   """Images/s of PoolFormer and of the mixer-free deploy RIFormer, timed alternately
   in one loop so that load on the machine hits both alike."""
   images = jnp.asarray(np.random.default_rng(0).normal(
       size=(batch, resolution, resolution, 3)), jnp.float32)
   fns = {}
-  for name, directory in (("poolformer", teacher_dir), ("deploy", deploy_dir)):
-    module, variables = pretrained.load_pretrained(directory)
+  for name, key in (("poolformer", "teacher"), ("deploy", "deploy")):
+    module, variables = models[key]
     fn = jax.jit(lambda x, m=module, v=variables: m.apply(v, x))
     jax.block_until_ready(fn(images))  # compile
     jax.block_until_ready(fn(images))  # warm up
@@ -120,13 +120,13 @@ def inference_throughput(teacher_dir, deploy_dir, batch, resolution, repeats=30)
   return {name: batch / float(np.median(s)) for name, s in seconds.items()}
 
 
-def deploy_logit_difference(student_dir, deploy_dir, resolution):
+def deploy_logit_difference(models, resolution):
   """Max |logit| difference between the training-time and deploy forms on test data."""
   source = input_pipeline.get_source("synthetic", "test", num_examples=256)
   batch = next(input_pipeline.eval_batches(source, global_batch_size=256, size=resolution))
   outputs = []
-  for directory in (student_dir, deploy_dir):
-    module, variables = pretrained.load_pretrained(directory)
+  for key in ("student", "deploy"):
+    module, variables = models[key]
     outputs.append(np.asarray(module.apply(variables, batch["image"])))
   return float(np.max(np.abs(outputs[0] - outputs[1])))
 
@@ -164,15 +164,13 @@ def main(argv=None):
   print("\nmeasuring inference throughput ...", flush=True)
   distilled = os.path.join(workdir, "distilled")
   resolution = demo_configs.get_config().resolution
-  speed = inference_throughput(teacher_dir, os.path.join(distilled, "deploy"),
-                               args.throughput_batch, resolution)
-  max_diff = deploy_logit_difference(os.path.join(distilled, "student"),
-                                     os.path.join(distilled, "deploy"), resolution)
-  params = {}
-  for key, directory in (("teacher", teacher_dir),
-                         ("student", os.path.join(distilled, "student")),
-                         ("deploy", os.path.join(distilled, "deploy"))):
-    params[key] = riformer_jax.count_params(pretrained.load_pretrained(directory)[1])
+  models = {key: pretrained.load_pretrained(directory) for key, directory in (
+      ("teacher", teacher_dir), ("student", os.path.join(distilled, "student")),
+      ("deploy", os.path.join(distilled, "deploy")))}
+  speed = inference_throughput(models, args.throughput_batch, resolution)
+  max_diff = deploy_logit_difference(models, resolution)
+  params = {key: riformer_jax.count_params(variables)
+            for key, (_, variables) in models.items()}
   plot_curves(workdir, os.path.join(workdir, "curves.png"))
 
   top1 = {role: final[role]["student/top1"] for role in demo_configs.ROLES}
