@@ -434,7 +434,9 @@ def run(args):
   results = dict(
       device=dict(platform=device.platform, device_kind=device.device_kind,
                   device_count=jax.device_count(), cpu=_cpu_model(),
-                  cpu_count=os.cpu_count()),
+                  # The cores this process may run on (`taskset` narrows them): XLA's
+                  # CPU backend uses them all; PyTorch's threads are stated per run.
+                  cpu_count=len(os.sched_getaffinity(0))),
       versions=_versions(), settings=vars(args), load_average_start=os.getloadavg())
   peak_of = functools.partial(peaks, device.device_kind, peak_tflops=args.peak_tflops,
                               peak_gbps=args.peak_gbps)
@@ -449,6 +451,8 @@ def run(args):
   if args.torch_modes:
     torch_rows, torch_thunks = torch_inference(args, overrides, params)
     rows, thunks = rows + torch_rows, {**thunks, **torch_thunks}
+    from riformer_jax import bench_torch  # noqa: PLC0415
+    results["torch_cpu_threads"] = bench_torch.cpu_threads()
   print(f"timing {len(thunks)} inference rows", flush=True)
   summarise(rows, measure(thunks, args.warmup, args.iters, args.repeats), peak_of)
   results.update(inference=rows, inference_device_peak_bytes=_device_peak_bytes())
@@ -505,7 +509,9 @@ def tables(results):
   device, settings = results["device"], results["settings"]
   out = [f"device: {device['device_kind']} ({device['platform']}, "
          f"{device['device_count']} device(s)); CPU: {device['cpu']}, "
-         f"{device['cpu_count']} cores; load average "
+         f"{device['cpu_count']} cores for this process"
+         + (f", PyTorch on {results['torch_cpu_threads']} thread(s)"
+            if results.get("torch_cpu_threads") else "") + "; load average "
          f"{' '.join(f'{x:.2f}' for x in results['load_average_start'])} at the start, "
          f"{' '.join(f'{x:.2f}' for x in results['load_average_end'])} at the end",
          "versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v),

@@ -164,3 +164,7 @@ def configure(threads=None):
     torch.set_num_threads(threads)
 
 
+def cpu_threads():
+  return torch.get_num_threads()
+
+

@@ -89,6 +89,9 @@ def test_torch_rows(results):
                        "torch/eager/float32/poolformer/s12"}
   for row in rows.values():
     assert "error" not in row and len(row["times_s"]) == 3, row
+  # Whether the two frameworks ran on equal threads is part of every result.
+  assert results["torch_cpu_threads"] >= 1
+  assert f"PyTorch on {results['torch_cpu_threads']} thread(s)" in bench.tables(results)
 
 
 def test_measure_waits_for_asynchronous_work():
@@ -150,3 +153,70 @@ def test_the_pytorch_deploy_riformer_computes_our_deploy_function():
   images = np.random.default_rng(0).standard_normal((2, 37, 45, 3), np.float32)
   assert relative_error(bench_torch.forward_nhwc(theirs, images),
                         jax.jit(ours.apply)({"params": params}, images)) < 1e-5
+
+
+def test_the_largest_batch_search_stops_at_the_first_failure(monkeypatch):
+  # Out of memory cannot be provoked on a CPU with 24 GiB; a failing timing at batch
+  # 16 stands in for it, where the GPU run would meet it (compile or execution).
+  timed_batches = []
+
+  def measure(thunks, *timing):
+    ((forward, _),) = thunks.values()
+    batch = forward.args[1].shape[0]
+    timed_batches.append(batch)
+    if batch >= 16:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
+    return {"run": [0.5]}
+
+  monkeypatch.setattr(bench, "measure", measure)
+  args = bench.parse_args(["--batch", "4", "--resolution", "32", "--forms", "deploy",
+                           "--max-batch", "64", "--warmup", "0"])
+  rate = {"id": "jax/jit/float32/deploy/s12", "images_per_s": 3.0}
+  (found,) = bench.max_batches(args, TINY, bench.param_source(TINY, 32), [rate])
+  assert timed_batches == [8, 16]
+  assert found["max_batch"] == 8 and found["images_per_s"] == 8 / 0.5
+  assert found["stopped"].startswith("batch 16: RESOURCE_EXHAUSTED")
+
+
+def test_bfloat16_rows(tmp_path):
+  # The accelerator setting's code path (bf16 compute, float32 params), run on a CPU.
+  torch_modes = "eager" if torch_importable() else ""
+  results = run_bench(tmp_path, "--dtype", "bfloat16", "--forms", "deploy,fused",
+                      "--train-steps", "ce", "--repeats", "1", "--torch-modes",
+                      torch_modes, "--torch-dtypes", "bfloat16")
+  rows = results["inference"] + results["training"]
+  assert {row["id"] for row in rows} == {
+      "jax/jit/bfloat16/deploy/s12", "jax/jit/bfloat16/fused/s12",
+      "jax/train/bfloat16/ce/s12"} | ({"torch/eager/bfloat16/deploy/s12",
+                                        "torch/eager/bfloat16/poolformer/s12"}
+                                       if torch_modes else set())
+  for row in rows:
+    assert "error" not in row and row["images_per_s"] > 0, row
+  ratios = {r["name"] for r in results["ratios"]}
+  assert "fused / deploy" in ratios
+  assert ("jax deploy / fastest torch deploy" in ratios) == bool(torch_modes)
+
+
+@pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
+def test_layer_benchmark_times_the_same_functions_in_both_frameworks(tmp_path):
+  from riformer_jax import bench_ops  # noqa: PLC0415 (needs torch)
+  import torch  # noqa: PLC0415
+  parts = bench_ops.deploy_parts("s12", batch=2, resolution=32)
+  # S12 (depths 2, 2, 6, 2): the stem, 3 downsamplings, 6 parts per stage.
+  assert len(parts) == 4 + 4 * 6
+  assert sum(count for name, count, *_ in parts if name.endswith("block")) == 12
+  rng = np.random.default_rng(0)
+  for name, _, shape, (module, params, kwargs), theirs in parts:
+    x = rng.standard_normal(shape, np.float32)
+    ours = module.apply({"params": params} if params else {}, x, **kwargs)
+    with torch.inference_mode():
+      reference = theirs.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    assert relative_error(reference.numpy().transpose(0, 2, 3, 1), ours) < 1e-5, name
+
+  path = tmp_path / "ops.json"
+  bench_ops.main(["--batch", "2", "--resolution", "32", "--warmup", "0", "--iters", "1",
+                  "--repeats", "1", "--json", str(path)])
+  rows = json.loads(path.read_text())["rows"]
+  assert [row["layer"] for row in rows] == [name for name, *_ in parts]
+  for row in rows:
+    assert min(row["jax_ms"], row["torch eager_ms"], row["torch compile_ms"]) > 0
