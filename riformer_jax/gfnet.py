@@ -83,7 +83,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from riformer_jax.metaformer import Mlp, stagewise_drop_path_rates, weight_init
+from riformer_jax.metaformer import (
+    Mlp, drop_path, stagewise_drop_path_rates, weight_init)
 
 # Constructor kwargs of the released models, as `main_gfnet.py` builds them (training
 # drop-path rates included; GFNet-Ti/XS pass none, so 0). Exact parameter counts at 224
@@ -252,9 +253,7 @@ class GFNetBlock(nn.Module):
         LayerNorm(dtype=self.dtype, name="norm2")(mixed), train)
     if self.init_values is not None:
       y = self.param("gamma", nn.initializers.constant(self.init_values), (dim,)) * y
-    # Stochastic depth: dropout whose mask is shared by everything but the batch axis.
-    x = x + nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3),
-                       deterministic=not train)(y)
+    x = x + drop_path(self.drop_path_rate, train)()(y)
     self.sow("intermediates", "block_output", x)
     return x
 

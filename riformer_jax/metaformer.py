@@ -56,6 +56,13 @@ def check_stages_and_rates(model):
       raise ValueError(f"{field}={getattr(model, field)} must lie in [0, 1)")
 
 
+def drop_path(rate, train):
+  """Stochastic depth on NHWC: a Dropout factory whose mask is shared by everything
+  but the batch axis, off unless `train`."""
+  return functools.partial(nn.Dropout, rate, broadcast_dims=(1, 2, 3),
+                           deterministic=not train)
+
+
 def stagewise_drop_path_rates(depths, rate):
   """Per-stage lists of drop-path rates: `rate * k / (num_blocks - 1)` for block k."""
   total = sum(depths)
@@ -126,10 +133,7 @@ class MetaFormerBlock(nn.Module):
   def __call__(self, x, train: bool):
     dim = x.shape[-1]
     norm = functools.partial(GroupNorm1, dtype=self.dtype)
-    # Stochastic depth: dropout whose mask is shared by everything but the batch axis.
-    drop_path = functools.partial(
-        nn.Dropout, self.drop_path_rate, broadcast_dims=(1, 2, 3),
-        deterministic=not train)
+    drop = drop_path(self.drop_path_rate, train)
     layer_scale = nn.initializers.constant(self.layer_scale_init_value)
 
     self.sow("intermediates", "block_input", x)
@@ -144,11 +148,11 @@ class MetaFormerBlock(nn.Module):
       else:  # identity
         mixed = normed
     self.sow("intermediates", "mixer_output", mixed)
-    x = x + drop_path()(self.param("layer_scale1", layer_scale, (dim,)) * mixed)
+    x = x + drop()(self.param("layer_scale1", layer_scale, (dim,)) * mixed)
 
     hidden = Mlp(int(dim * self.mlp_ratio), self.drop_rate, self.dtype,
                  name="mlp")(norm(name="norm2")(x), train)
-    x = x + drop_path()(self.param("layer_scale2", layer_scale, (dim,)) * hidden)
+    x = x + drop()(self.param("layer_scale2", layer_scale, (dim,)) * hidden)
     self.sow("intermediates", "block_output", x)
     return x
 

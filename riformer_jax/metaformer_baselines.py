@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from riformer_jax.metaformer import (
-    MetaFormerStage, Pooling, check_stages_and_rates, stagewise_drop_path_rates,
-    weight_init)
+    MetaFormerStage, Pooling, check_stages_and_rates, drop_path,
+    stagewise_drop_path_rates, weight_init)
 
 TOKEN_MIXERS = ("pooling", "sepconv", "attention")
 NORMS = ("groupnorm", "layernorm")
@@ -129,9 +129,7 @@ class BaselineBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     dim = x.shape[-1]
-    drop_path = functools.partial(
-        nn.Dropout, self.drop_path_rate, broadcast_dims=(1, 2, 3),
-        deterministic=not train)
+    drop = drop_path(self.drop_path_rate, train)
 
     def skip(name):
       if not self.res_scale:
@@ -147,11 +145,11 @@ class BaselineBlock(nn.Module):
     else:
       mixed = Attention(dtype=self.dtype, name="token_mixer")(normed)
     self.sow("intermediates", "mixer_output", mixed)
-    x = skip("res_scale1") + drop_path()(mixed.astype(jnp.float32))
+    x = skip("res_scale1") + drop()(mixed.astype(jnp.float32))
 
     hidden = StarMlp(self.drop_rate, self.dtype, name="mlp")(
         _norm(self.norm, self.dtype, "norm2")(x), train)
-    x = skip("res_scale2") + drop_path()(hidden.astype(jnp.float32))
+    x = skip("res_scale2") + drop()(hidden.astype(jnp.float32))
     self.sow("intermediates", "block_output", x)
     return x
 
