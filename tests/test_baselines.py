@@ -9,7 +9,6 @@ import torch
 
 import riformer_jax
 from riformer_jax import counting, state_dict
-from conftest import relative_error
 import torch_reference as ref
 
 FAMILIES = ("poolformerv2", "convformer", "caformer")
@@ -17,30 +16,13 @@ FAMILIES = ("poolformerv2", "convformer", "caformer")
 TINY_BASELINE = dict(depths=(1, 2, 1, 2), dims=(16, 32, 64, 96))
 
 
-def load_into_flax(torch_model, name, **overrides):
-  model = riformer_jax.create_model(name, **overrides)
-  abstract = counting.abstract_variables(model, 64)["params"]
-  params = state_dict.params_from_state_dict(ref.numpy_state_dict(torch_model), abstract,
-                                             "timm")
-  return model, params
-
-
-def assert_same_logits(torch_model, model, params, resolutions, seed=0):
-  rng = np.random.default_rng(seed)
-  for height, width in resolutions:
-    images = rng.standard_normal((2, height, width, 3), dtype=np.float32)
-    expected = ref.forward_nhwc(torch_model, images)
-    actual = model.apply({"params": params}, images)
-    assert relative_error(actual, expected) < 1e-5, (height, width)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_models_match_timm_and_round_trip(family):
   torch_model = ref.randomize_(ref.timm_baseline(family, **TINY_BASELINE), seed=0)
   size = "s12" if family == "poolformerv2" else "s18"
-  model, params = load_into_flax(torch_model, f"{family}_{size}", **TINY_BASELINE,
-                                 num_classes=10)
-  assert_same_logits(torch_model, model, params, [(64, 64), (97, 131)])
+  model, params = ref.load_into_flax(torch_model, f"{family}_{size}", "timm",
+                                     **TINY_BASELINE, num_classes=10)
+  ref.assert_same_logits(torch_model, model, params, [(64, 64), (97, 131)])
 
   back = state_dict.state_dict_from_params(params, "timm")
   original = ref.numpy_state_dict(torch_model)
@@ -53,8 +35,8 @@ def test_full_size_caformer_matches_timm_at_224():
   # SepConv stages, attention stages and the MLP head at the published shape.
   torch_model = ref.randomize_(
       ref.timm.create_model("caformer_s18", num_classes=1000).eval(), seed=1)
-  model, params = load_into_flax(torch_model, "caformer_s18")
-  assert_same_logits(torch_model, model, params, [(224, 224)])
+  model, params = ref.load_into_flax(torch_model, "caformer_s18", "timm")
+  ref.assert_same_logits(torch_model, model, params, [(224, 224)])
 
 
 @pytest.mark.parametrize("name", [

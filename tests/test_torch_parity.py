@@ -13,26 +13,10 @@ import torch_reference as ref
 RESOLUTIONS = ((224, 224), (97, 131))
 
 
-def load_into_flax(torch_model, name, fmt, **overrides):
-  model = riformer_jax.create_model(name, **overrides)
-  abstract = counting.abstract_variables(model, 64)["params"]
-  params = state_dict.params_from_state_dict(ref.numpy_state_dict(torch_model), abstract, fmt)
-  return model, params
-
-
-def assert_same_logits(torch_model, model, params, seed=0):
-  rng = np.random.default_rng(seed)
-  for height, width in RESOLUTIONS:
-    images = rng.standard_normal((2, height, width, 3), dtype=np.float32)
-    expected = ref.forward_nhwc(torch_model, images)
-    actual = model.apply({"params": params}, images)
-    assert relative_error(actual, expected) < 1e-5, (height, width)
-
-
 def test_timm_poolformer_with_timm_head():
   torch_model = ref.randomize_(ref.timm_poolformer("s12"), seed=0)
-  model, params = load_into_flax(torch_model, "poolformer_s12", "timm", head="timm")
-  assert_same_logits(torch_model, model, params)
+  model, params = ref.load_into_flax(torch_model, "poolformer_s12", "timm", head="timm")
+  ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
   # The original head on the same weights is a different function (REFERENCE.md 2).
   original = riformer_jax.create_model("poolformer_s12")
   images = np.random.default_rng(1).standard_normal((2, 64, 64, 3), dtype=np.float32)
@@ -42,14 +26,14 @@ def test_timm_poolformer_with_timm_head():
 
 def test_mmpretrain_poolformer_with_original_head():
   torch_model = ref.randomize_(ref.mmpretrain_poolformer("s12"), seed=1)
-  model, params = load_into_flax(torch_model, "poolformer_s12", "mmpretrain")
-  assert_same_logits(torch_model, model, params)
+  model, params = ref.load_into_flax(torch_model, "poolformer_s12", "mmpretrain")
+  ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
 
 
 def test_mmpretrain_riformer_training_time_and_deploy():
   torch_model = ref.randomize_(ref.mmpretrain_riformer("s12"), seed=2)
-  model, params = load_into_flax(torch_model, "riformer_s12", "mmpretrain")
-  assert_same_logits(torch_model, model, params)
+  model, params = ref.load_into_flax(torch_model, "riformer_s12", "mmpretrain")
+  ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
 
   # Our pure re-parameterisation against MMPreTrain's in-place switch_to_deploy.
   torch_model.backbone.switch_to_deploy()
@@ -59,14 +43,15 @@ def test_mmpretrain_riformer_training_time_and_deploy():
   for key in theirs:
     np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7, err_msg=key)
   deploy_model = riformer_jax.create_model("riformer_s12", deploy=True)
-  assert_same_logits(torch_model, deploy_model, riformer_jax.reparameterize(params), seed=3)
+  ref.assert_same_logits(torch_model, deploy_model, riformer_jax.reparameterize(params),
+                         RESOLUTIONS, seed=3)
 
 
 @pytest.mark.parametrize("size", ["s24", "s36", "m36", "m48"])
 def test_mmpretrain_riformer_every_size(size):
   torch_model = ref.randomize_(ref.mmpretrain_riformer(size), seed=4)
-  model, params = load_into_flax(torch_model, f"riformer_{size}", "mmpretrain")
-  assert_same_logits(torch_model, model, params)
+  model, params = ref.load_into_flax(torch_model, f"riformer_{size}", "mmpretrain")
+  ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
 
 
 def test_tiny_mmpretrain_riformer_with_custom_arch():
@@ -74,9 +59,9 @@ def test_tiny_mmpretrain_riformer_with_custom_arch():
               layer_scale_init_value=1e-5)
   torch_model = ref.MMPreTrainClassifier(ref.RIFormer(arch), num_classes=10).eval()
   ref.randomize_(torch_model, seed=5)
-  model, params = load_into_flax(torch_model, "riformer_s12", "mmpretrain",
+  model, params = ref.load_into_flax(torch_model, "riformer_s12", "mmpretrain",
                                  depths=(1, 2, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
-  assert_same_logits(torch_model, model, params)
+  ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
 
 
 @pytest.mark.parametrize("fmt,factory,name,overrides", [
@@ -88,7 +73,7 @@ def test_tiny_mmpretrain_riformer_with_custom_arch():
 ])
 def test_state_dict_round_trip_is_exact(fmt, factory, name, overrides):
   torch_model = ref.randomize_(factory(), seed=6)
-  _, params = load_into_flax(torch_model, name, fmt, **overrides)
+  _, params = ref.load_into_flax(torch_model, name, fmt, **overrides)
   back = state_dict.state_dict_from_params(params, fmt)
   original = ref.numpy_state_dict(torch_model)
   assert back.keys() == original.keys()

@@ -3,6 +3,10 @@
 import numpy as np
 import torch
 
+import riformer_jax
+from riformer_jax import counting, state_dict
+from conftest import relative_error
+
 
 def _register_torchvision_ops():
   """Make `import torchvision` (pulled in by timm and mmpretrain) work on CPU torch.
@@ -78,6 +82,24 @@ def forward_nhwc(module, images_nhwc):
   with torch.no_grad():
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
     return module(x).numpy()
+
+
+def load_into_flax(torch_model, name, fmt, **overrides):
+  """Our model `name` and `torch_model`'s weights converted from its `fmt` state dict."""
+  model = riformer_jax.create_model(name, **overrides)
+  abstract = counting.abstract_variables(model, 64)["params"]
+  params = state_dict.params_from_state_dict(numpy_state_dict(torch_model), abstract, fmt)
+  return model, params
+
+
+def assert_same_logits(torch_model, model, params, resolutions, seed=0):
+  """The two models' logits agree (relative 1e-5) on random images of each size."""
+  rng = np.random.default_rng(seed)
+  for height, width in resolutions:
+    images = rng.standard_normal((2, height, width, 3), dtype=np.float32)
+    expected = forward_nhwc(torch_model, images)
+    actual = model.apply({"params": params}, images)
+    assert relative_error(actual, expected) < 1e-5, (height, width)
 
 
 def timm_baseline(family, depths, dims, num_classes=10):
