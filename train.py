@@ -67,6 +67,20 @@ def load_teacher(directory, role, dtype, num_classes):
   return distill.Teacher(module, variables)
 
 
+def load_teachers(config):
+  """`{"logit": Teacher or None, "feature": ...}`. One directory in both roles (the
+  roadmap's set-up) is loaded once and shared: one copy on the devices, one evaluation."""
+  dtype = jnp.dtype(config.teachers.compute_dtype)
+  loaded, teachers = {}, {}
+  for role in ("logit", "feature"):
+    directory = config.teachers[role]
+    key = directory and os.path.realpath(directory)
+    if key not in loaded:
+      loaded[key] = load_teacher(directory, role, dtype, config.model.num_classes)
+    teachers[role] = loaded[key]
+  return teachers
+
+
 def student_params(config, student, teachers):
   """Fresh init, then (Guideline 5) the feature teacher's weights but the mixer, or a
   student directory given as `config.init_from`."""
@@ -140,10 +154,7 @@ def train_and_evaluate(config, workdir):
         seed=config.data.seed, class_names=getattr(train_source, "class_names", None))
   except FileNotFoundError as e:  # the message says how to obtain the data
     raise app.UsageError(f"config.data: {e}") from e
-  teacher_dtype = jnp.dtype(config.teachers.compute_dtype)
-  teachers = {role: load_teacher(config.teachers[role], role, teacher_dtype,
-                                config.model.num_classes)
-              for role in ("logit", "feature")}
+  teachers = load_teachers(config)
 
   dtype = jnp.dtype(config.compute_dtype)
   student = models.create_model(config.model_name, **config.model, dtype=dtype,
@@ -173,7 +184,8 @@ def train_and_evaluate(config, workdir):
       lambda tree: jax.tree.map(lambda _: distill.replicated(mesh), tree))
   state = distiller.init_state(student_params(config, student, teachers))
   state_shardings = shard(state)
-  teachers = {role: t and jax.device_put(t, shard(t)) for role, t in teachers.items()}
+  placed = {id(t): jax.device_put(t, shard(t)) for t in teachers.values() if t is not None}
+  teachers = {role: t and placed[id(t)] for role, t in teachers.items()}
 
   checkpoints = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -218,12 +230,14 @@ def train_and_evaluate(config, workdir):
 
   writer = MetricsWriter(workdir)
   if start == 0:
-    for role, teacher in teachers.items():
-      if teacher is not None:  # each teacher once
-        fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
-            t.module, t.variables, b["image"], b["label"], b["mask"])))
-        writer.write(0, evaluate({f"teacher_{role}": lambda _, b, fn=fn: fn(b)}, None,
-                                 eval_source, config, mesh))
+    for teacher in placed.values():  # each teacher once, under each of its roles
+      fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
+          t.module, t.variables, b["image"], b["label"], b["mask"])))
+      results = evaluate({"teacher": lambda _, b, fn=fn: fn(b)}, None, eval_source,
+                         config, mesh)
+      writer.write(0, {f"teacher_{role}/{k.split('/')[1]}": v
+                       for role, t in teachers.items() if t is teacher
+                       for k, v in results.items()})
 
   stop = {"requested": False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
