@@ -155,6 +155,7 @@ def train_and_evaluate(config, workdir):
   except FileNotFoundError as e:  # the message says how to obtain the data
     raise app.UsageError(f"config.data: {e}") from e
   teachers = load_teachers(config)
+  shared_teacher = teachers["logit"] is not None and teachers["logit"] is teachers["feature"]
 
   dtype = jnp.dtype(config.compute_dtype)
   student = models.create_model(config.model_name, **config.model, dtype=dtype,
@@ -177,7 +178,8 @@ def train_and_evaluate(config, workdir):
                                      clip_grad_norm=config.clip_grad_norm or None),
       num_classes=config.model.num_classes, mix=mix,
       temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
-      accum_steps=config.accum_steps, ema_decay=config.ema_decay, schedule=schedule)
+      shared_teacher=shared_teacher, accum_steps=config.accum_steps,
+      ema_decay=config.ema_decay, schedule=schedule)
 
   # State: replicated (data parallel) or FSDP-sharded; teachers likewise.
   shard = (lambda tree: distill.fsdp_shardings(tree, mesh)) if config.fsdp else (
@@ -186,6 +188,8 @@ def train_and_evaluate(config, workdir):
   state_shardings = shard(state)
   placed = {id(t): jax.device_put(t, shard(t)) for t in teachers.values() if t is not None}
   teachers = {role: t and placed[id(t)] for role, t in teachers.items()}
+  # A shared teacher goes to the step once: its one forward pass serves both roles.
+  step_feature_teacher = None if shared_teacher else teachers["feature"]
 
   checkpoints = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -210,7 +214,7 @@ def train_and_evaluate(config, workdir):
       distiller.train_step, donate_argnums=0,
       in_shardings=(state_shardings, data, data, None, None,
                     teachers["logit"] and shard(teachers["logit"]),
-                    teachers["feature"] and shard(teachers["feature"])),
+                    step_feature_teacher and shard(step_feature_teacher)),
       out_shardings=(state_shardings, None))
 
   def eval_fn(module, params_of, reparameterize=False):
@@ -255,7 +259,7 @@ def train_and_evaluate(config, workdir):
       batch = next(batches)
       weights = loss_weights(config.losses, step / steps_per_epoch)
       state, metrics = train_step(state, batch["image"], batch["label"], weights, rng,
-                                  teachers["logit"], teachers["feature"])
+                                  teachers["logit"], step_feature_teacher)
       done = step + 1
       if done % config.log_every_steps == 0 or done == total_steps:
         writer.write(done, {"epoch": done / steps_per_epoch, **jax.device_get(metrics)})

@@ -1,9 +1,9 @@
 """One fused, sharded train step for the paper's paradigm, and the evaluation step.
 
 The step mixes the batch once (mixup/CutMix), runs the frozen logit teacher and the
-frozen feature teacher on that same array, runs the student with its taps captured,
-and combines the loss terms of `losses` with per-term weights. The weights are traced
-arguments, so switching a term on or off between epochs never recompiles; a teacher
+frozen feature teacher on that same array (one pass where one teacher plays both
+roles), runs the student with its taps captured, and combines the loss terms of
+`losses` with per-term weights. The weights are traced arguments, so switching a term on or off between epochs never recompiles; a teacher
 whose terms all weigh zero is skipped at run time by `lax.cond`, so the feature
 teacher costs nothing once module imitation has ended. Only the student's params are
 differentiated. Gradient accumulation scans over micro-batches inside the step (one
@@ -64,6 +64,9 @@ class Distiller:
     mix: mixup/CutMix/label smoothing; None trains on plain smoothed labels.
     temperature: soft-KD temperature.
     mi_blocks: "stages_i/blocks_j" paths of module imitation.
+    shared_teacher: one teacher plays both roles; `train_step` takes it as the
+      logit teacher, ignores `feature_teacher`, and runs it once for its logits and
+      its taps (separate teachers take one forward pass each).
     accum_steps: micro-batches per update.
     ema_decay: 0 disables the parameter EMA.
     schedule: the learning-rate schedule, for logging.
@@ -75,6 +78,7 @@ class Distiller:
   mix: Optional[MixConfig] = MixConfig()
   temperature: float = 1.0
   mi_blocks: Sequence[str] = ()
+  shared_teacher: bool = False
   accum_steps: int = 1
   ema_decay: float = 0.0
   schedule: Optional[Callable[[Any], Any]] = None
@@ -102,27 +106,38 @@ class Distiller:
     terms = dict.fromkeys(TERMS, zero)
     terms["ce"] = losses.cross_entropy(logits, targets)
 
-    if logit_teacher is not None:
-      def distill(logits):
-        teacher_logits = jax.lax.stop_gradient(logit_teacher.module.apply(
-            logit_teacher.variables, images, train=False))
-        return (losses.hard_distillation(logits, teacher_logits),
-                losses.soft_distillation(logits, teacher_logits, self.temperature))
-      used = (weights["hard_kd"] != 0) | (weights["soft_kd"] != 0)
-      terms["hard_kd"], terms["soft_kd"] = jax.lax.cond(
-          used, distill, lambda _: (zero, zero), logits)
+    def run(teacher):  # its logits and taps, constants for the gradient
+      teacher_logits, teacher_state = teacher.module.apply(
+          teacher.variables, images, train=False, mutable=["intermediates"])
+      return jax.lax.stop_gradient((teacher_logits, teacher_state["intermediates"]))
 
-    if feature_teacher is not None and self.mi_blocks:
-      def imitate(student_taps):
-        _, teacher_state = feature_teacher.module.apply(
-            feature_teacher.variables, images, train=False, mutable=["intermediates"])
-        teacher_taps = jax.lax.stop_gradient(teacher_state["intermediates"])
-        return losses.module_imitation(student_taps, teacher_taps, self.mi_blocks)
-      used = jnp.any(jnp.stack([weights[t] != 0 for t in _MI_TERMS]))
-      mi = jax.lax.cond(used, imitate, lambda _: {"in": zero, "out": zero, "rel": zero},
-                        state["intermediates"])
-      for term, name in _MI_TERMS.items():
-        terms[term] = mi[name]
+    def kd_terms(teacher_logits):
+      return (losses.hard_distillation(logits, teacher_logits),
+              losses.soft_distillation(logits, teacher_logits, self.temperature))
+
+    def mi_terms(teacher_taps):
+      return losses.module_imitation(state["intermediates"], teacher_taps, self.mi_blocks)
+
+    no_kd = lambda *_: (zero, zero)  # noqa: E731
+    no_mi = lambda *_: {"in": zero, "out": zero, "rel": zero}  # noqa: E731
+    kd_used = (weights["hard_kd"] != 0) | (weights["soft_kd"] != 0)
+    mi_used = jnp.any(jnp.stack([weights[t] != 0 for t in _MI_TERMS]))
+    kd, mi = no_kd(), no_mi()
+    if self.shared_teacher and logit_teacher is not None and self.mi_blocks:
+      def both(_):
+        teacher_logits, teacher_taps = run(logit_teacher)
+        return (jax.lax.cond(kd_used, kd_terms, no_kd, teacher_logits),
+                jax.lax.cond(mi_used, mi_terms, no_mi, teacher_taps))
+      kd, mi = jax.lax.cond(kd_used | mi_used, both, lambda _: (no_kd(), no_mi()), None)
+    else:
+      if logit_teacher is not None:
+        kd = jax.lax.cond(kd_used, lambda _: kd_terms(run(logit_teacher)[0]), no_kd, None)
+      if feature_teacher is not None and self.mi_blocks:
+        mi = jax.lax.cond(mi_used, lambda _: mi_terms(run(feature_teacher)[1]), no_mi,
+                          None)
+    terms["hard_kd"], terms["soft_kd"] = kd
+    for term, name in _MI_TERMS.items():
+      terms[term] = mi[name]
 
     total = sum(weights[t] * terms[t] for t in TERMS)
     correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))

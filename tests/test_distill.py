@@ -193,3 +193,25 @@ def test_eval_counts_with_fewer_than_five_classes():
   mask = jnp.array([True] * 5 + [False])  # the last (right) one is padding
   top1, top5, count = distill.eval_counts(model, variables, images, labels, mask)
   assert (int(top1), int(top5), int(count)) == (3, 5, 5)
+
+
+def test_a_shared_teacher_gives_the_same_steps_with_one_forward_pass(setup):
+  images, labels, student, params, teacher = setup
+  state = make_distiller(student).init_state(params)
+  rng = jax.random.key(0)
+  # The same teacher in both roles, run twice (separate) or once (shared): one
+  # compiled step each, the terms switched by the traced weights.
+  steps = {name: jax.jit(make_distiller(student, shared_teacher=shared).train_step)
+           .lower(state, images, labels, weights(), rng, teacher, teacher).compile()
+           for name, shared in (("separate", False), ("shared", True))}
+  for on in (dict(ce=1.0, hard_kd=1.0, soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0),
+             dict(soft_kd=1.0), dict(mi_rel=1.0), dict(ce=1.0)):
+    expected, actual = (steps[name](state, images, labels, weights(**on), rng, teacher,
+                                    teacher) for name in ("separate", "shared"))
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(on))
+  teacher_flops = jax.jit(teacher.module.apply).lower(
+      teacher.variables, images).compile().cost_analysis()["flops"]
+  saved = (steps["separate"].cost_analysis()["flops"]
+           - steps["shared"].cost_analysis()["flops"])
+  assert 0.8 * teacher_flops < saved < 1.2 * teacher_flops, (saved, teacher_flops)
