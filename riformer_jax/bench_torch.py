@@ -166,5 +166,3 @@ def configure(threads=None):
 
 def cpu_threads():
   return torch.get_num_threads()
-
-

@@ -3,11 +3,12 @@
 The step mixes the batch once (mixup/CutMix), runs the frozen logit teacher and the
 frozen feature teacher on that same array (one pass where one teacher plays both
 roles), runs the student with its taps captured, and combines the loss terms of
-`losses` with per-term weights. The weights are traced arguments, so switching a term on or off between epochs never recompiles; a teacher
-whose terms all weigh zero is skipped at run time by `lax.cond`, so the feature
-teacher costs nothing once module imitation has ended. Only the student's params are
-differentiated. Gradient accumulation scans over micro-batches inside the step (one
-optimizer update per call, the same update as one large batch of the same size).
+`losses` with per-term weights. The weights are traced arguments, so switching a term
+on or off between epochs never recompiles; a teacher whose terms all weigh zero is
+skipped at run time by `lax.cond`, so the feature teacher costs nothing once module
+imitation has ended. Only the student's params are differentiated. Gradient
+accumulation scans over micro-batches inside the step (one optimizer update per call,
+the same update as one large batch of the same size).
 
 Randomness (mixing, dropout, drop path) is `fold_in(seed_key, step)`: a resumed run
 replays exactly the steps an uninterrupted run takes.
