@@ -26,7 +26,7 @@ import numpy as np
 
 from configs import demo as demo_configs
 import riformer_jax
-from riformer_jax import input_pipeline, pretrained
+from riformer_jax import faults, input_pipeline, pretrained
 import train
 
 
@@ -60,7 +60,10 @@ def train_role(role, workdir, seed, teacher_dir, index, count):
     final = [m for m in read_metrics(run_dir) if "student/top1" in m][-1]
   else:
     start = time.time()
-    final = train.train_and_evaluate(config, run_dir)
+    try:
+      final = train.train_and_evaluate(config, run_dir)
+    except faults.RunError as e:  # a fault of the run: its message, no traceback
+      sys.exit(f"{run_dir}: {e}")
     if final is None:  # SIGTERM: train.py saved a checkpoint
       sys.exit(f"interrupted: {run_dir} saved; the same command resumes it")
     print(f"      {time.time() - start:.0f} s", flush=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from configs import demo as demo_configs
 from configs import roadmap_small
-from riformer_jax import pretrained
+from riformer_jax import faults, pretrained
 import train
 
 # (row, what it tests, the paper's ImageNet top-1 for RIFormer-S12 at 120 epochs).
@@ -106,7 +106,10 @@ def run(config, workdir, command):
     with open(results) as f:
       return json.load(f)
   start = time.time()
-  final = train.train_and_evaluate(config, workdir)
+  try:
+    final = train.train_and_evaluate(config, workdir)
+  except faults.RunError as e:  # a fault of the run: its message, no traceback
+    sys.exit(f"{workdir}: {e}")
   if final is None:  # SIGTERM: train.py saved a checkpoint
     sys.exit(f"interrupted: {workdir} saved; the same command resumes it")
   final = dict(final, seconds=time.time() - start)

@@ -4,29 +4,32 @@
       --config.data.data_dir=$TFDS_DATA \\
       --config.teachers.logit=ckpt/gfnet_h_b --config.teachers.feature=ckpt/poolformer_s12
 
-Restarting with the same workdir resumes from the last checkpoint; SIGTERM saves one
-and exits. Multi-host: start one process per host with the same flags plus
---distributed (Cloud TPU, SLURM, Open MPI detect the rest), or elsewhere
---coordinator_address=HOST:PORT --num_processes=N --process_id=I.
-Writes: workdir/checkpoints (last N), workdir/best (top-1), workdir/metrics.jsonl,
-workdir/deploy and workdir/student (for `riformer_jax.load_pretrained`).
+Restarting with the same workdir resumes from the newest checkpoint that restores,
+after checking the config against workdir/config.json; SIGTERM saves one and exits; a
+non-finite loss or gradient stops the run before anything non-finite is saved.
+Multi-host: start one process per host with the same flags plus --distributed (Cloud
+TPU, SLURM, Open MPI detect the rest), or elsewhere --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I.
+Writes: workdir/config.json, workdir/checkpoints (last N), workdir/best (top-1),
+workdir/metrics.jsonl, workdir/tensorboard (scalars, config, profiles), and at the
+end workdir/student and workdir/deploy (for `riformer_jax.load_pretrained`).
 """
 
-import json
+import contextlib
 import os
 import signal
+import sys
+import time
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 import riformer_jax
-from riformer_jax import augment, distill, input_pipeline, models, optim, pretrained
-from riformer_jax import surgery
+from riformer_jax import augment, checkpointing, distill, faults, input_pipeline, models
+from riformer_jax import optim, pretrained, reporting, surgery
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
@@ -36,8 +39,14 @@ flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, multi-host.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, multi-host.")
 flags.DEFINE_integer("process_id", None, "This process, multi-host.")
+flags.DEFINE_bool("accept_config_changes", False, "Resume even though the config "
+                  "differs from workdir/config.json in fields that change the run "
+                  "(e.g. a lower lr after a divergence); the new config is recorded.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+# What the non-finite watch checks on every update.
+WATCHED = tuple(f"loss/{t}" for t in ("total",) + distill.TERMS) + ("grad_norm",)
 
 
 def loss_weights(losses, epoch):
@@ -51,20 +60,21 @@ def loss_weights(losses, epoch):
   return weights
 
 
-def load_teacher(directory, role, dtype, num_classes):
-  if not directory:
-    return None
+def load_model_dir(directory, field, **overrides):
+  """`load_pretrained(directory)`, or a `RunError` naming the config field, the
+  directory and what is wrong with it."""
   if not os.path.isfile(os.path.join(directory, pretrained.MANIFEST)):
-    raise app.UsageError(
-        f"config.teachers.{role}={directory!r}: not a converted model. Convert the "
-        f"PyTorch weights first, e.g. `python convert.py --arch gfnet_h_b --src "
-        f"gfnet-h-b.pth --dst {directory}` (README, 'Importing and exporting weights').")
-  module, variables = pretrained.load_pretrained(directory, dtype=dtype)
-  if module.num_classes != num_classes:
-    raise app.UsageError(
-        f"config.teachers.{role}={directory!r} predicts {module.num_classes} classes, "
-        f"the student {num_classes}: fine-tune the teacher on this label set first")
-  return distill.Teacher(module, variables)
+    raise faults.RunError(
+        f"{field}={directory!r}: not a converted model (no {pretrained.MANIFEST}). "
+        f"Convert the PyTorch weights first, e.g. `python convert.py --arch gfnet_h_b "
+        f"--src gfnet-h-b.pth --dst {directory}` (README, 'Importing and exporting "
+        "weights'), or give a student/ directory that train.py wrote.")
+  try:
+    return pretrained.load_pretrained(directory, **overrides)
+  except Exception as e:  # a damaged directory fails in many ways: name it and the cause
+    faults.quiet_abandoned_reads()
+    raise faults.RunError(f"{field}={directory!r} is not a readable model: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
 
 def load_teachers(config):
@@ -75,9 +85,15 @@ def load_teachers(config):
   for role in ("logit", "feature"):
     directory = config.teachers[role]
     key = directory and os.path.realpath(directory)
-    if key not in loaded:
-      loaded[key] = load_teacher(directory, role, dtype, config.model.num_classes)
-    teachers[role] = loaded[key]
+    if key not in loaded and directory:
+      module, variables = load_model_dir(directory, f"config.teachers.{role}", dtype=dtype)
+      if module.num_classes != config.model.num_classes:
+        raise faults.RunError(
+            f"config.teachers.{role}={directory!r} predicts {module.num_classes} "
+            f"classes, the student {config.model.num_classes}: fine-tune the teacher "
+            "on this label set first")
+      loaded[key] = distill.Teacher(module, variables)
+    teachers[role] = loaded.get(key)
   return teachers
 
 
@@ -85,7 +101,7 @@ def student_params(config, student, teachers):
   """Fresh init, then (Guideline 5) the feature teacher's weights but the mixer, or a
   student directory given as `config.init_from`."""
   if config.init_from:
-    _, variables = pretrained.load_pretrained(config.init_from)
+    _, variables = load_model_dir(config.init_from, "config.init_from")
     return jax.tree.map(np.array, variables["params"])  # own buffers (see below)
   images = jnp.zeros((1, config.resolution, config.resolution, 3))
   params = jax.jit(student.init)(jax.random.key(config.seed), images)["params"]
@@ -96,6 +112,42 @@ def student_params(config, student, teachers):
           f"{len(report.left)} params ({', '.join(report.left[:4])}, ...)", flush=True)
   # Own buffers: the train step donates the state, never the teachers' arrays.
   return jax.tree.map(np.array, params)
+
+
+def make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher):
+  schedule = optim.learning_rate_schedule(
+      optim.peak_learning_rate(config.lr, config.batch_size),
+      total_steps, min(config.warmup_epochs * steps_per_epoch, total_steps - 1),
+      optim.peak_learning_rate(config.min_lr, config.batch_size))
+  mix = distill.MixConfig(config.aug.mixup, config.aug.cutmix, config.aug.switch_prob,
+                          1.0, config.aug.label_smoothing)
+  return distill.Distiller(
+      student=student,
+      optimizer=optim.make_optimizer(schedule, config.weight_decay,
+                                     clip_grad_norm=config.clip_grad_norm or None),
+      num_classes=config.model.num_classes, mix=mix,
+      temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
+      shared_teacher=shared_teacher, accum_steps=config.accum_steps,
+      ema_decay=config.ema_decay, schedule=schedule)
+
+
+def eval_functions(config, student, deploy):
+  """Jitted (top-1, top-5, count) of every model the run reports."""
+  def counts_of(module, params_of, reparameterize=False):
+    @jax.jit
+    def counts(state, batch):
+      params = params_of(state)
+      params = surgery.reparameterize(params) if reparameterize else params
+      return jnp.stack(distill.eval_counts(module, {"params": params}, batch["image"],
+                                           batch["label"], batch["mask"]))
+    return counts
+
+  fns = {"student": counts_of(student, lambda s: s.params)}
+  if deploy is not None:  # must agree with the student: both are reported
+    fns["deploy"] = counts_of(deploy, lambda s: s.params, reparameterize=True)
+  if config.ema_decay:
+    fns["ema"] = counts_of(student, lambda s: s.ema_params)
+  return fns
 
 
 def evaluate(eval_fns, state, eval_source, config, mesh):
@@ -111,40 +163,47 @@ def evaluate(eval_fns, state, eval_source, config, mesh):
           for name in eval_fns for i, k in enumerate(("top1", "top5"))}
 
 
-def save_best(best, step, state, results):
-  """Keeps `state` in best/ if its top-1 is among the best; a step saved before an
-  interruption is not saved twice (orbax refuses)."""
-  if step not in best.all_steps():
-    best.save(step, args=ocp.args.StandardSave(state),
-              metrics={"top1": results["student/top1"]})
+def evaluate_teachers(teachers, placed, eval_source, config, mesh, reporter):
+  for teacher in placed.values():  # each teacher once, under each of its roles
+    fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
+        t.module, t.variables, b["image"], b["label"], b["mask"])))
+    results = evaluate({"teacher": lambda _, b, fn=fn: fn(b)}, None, eval_source,
+                       config, mesh)
+    reporter.evaluation(0, {f"teacher_{role}/{k.split('/')[1]}": v
+                            for role, t in teachers.items() if t is teacher
+                            for k, v in results.items()})
 
 
-class MetricsWriter:
-  """metrics.jsonl (process 0) and the log."""
-
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-
-  def write(self, step, metrics):
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if jax.process_index() == 0:
-      shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v or "/" not in k)
-      print(f"step {step}: {shown}", flush=True)
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+def save_final_models(workdir, config, state, deploy):
+  params = jax.device_get(state.params)
+  kwargs = dict(config.model)
+  pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
+                             kwargs, params, overwrite=True, source=workdir)
+  if deploy is not None:
+    pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
+                               dict(kwargs, deploy=True), surgery.reparameterize(params),
+                               overwrite=True, source=workdir)
+  print(f"done: wrote {os.path.join(workdir, 'student')}"
+        f"{' and deploy' if deploy is not None else ''}", flush=True)
 
 
-def train_and_evaluate(config, workdir):
-  """Trains (or resumes) in `workdir`; returns the final evaluation metrics."""
+def train_and_evaluate(config, workdir, accept_changes=False):
+  """Trains (or resumes) in `workdir`; returns the final evaluation metrics, or None
+  when stopped by SIGTERM after saving. Faults raise `faults.RunError`;
+  `accept_changes` resumes despite a changed config (`--accept_config_changes`)."""
   os.makedirs(workdir, exist_ok=True)
   mesh = distill.make_mesh()
   if config.batch_size % (jax.device_count() * config.accum_steps * 2):
-    raise app.UsageError(
+    raise faults.RunError(
         f"config.batch_size={config.batch_size} must split into "
         f"config.accum_steps={config.accum_steps} micro-batches of even size on each "
         f"of {jax.device_count()} devices")
-
-  # Data and teachers first: a missing one stops here, before anything is compiled.
+  # The recorded config, data and teachers first: a fault stops here, before any
+  # compilation.
+  checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+  for change in checkpointing.record_config(workdir, config, checkpoints.any(),
+                                            accept_changes):
+    print(f"config changed since the run started: {change}", flush=True)
   try:
     train_source = input_pipeline.get_source(
         config.data.dataset, config.data.train_split,
@@ -153,7 +212,7 @@ def train_and_evaluate(config, workdir):
         config.data.dataset, config.data.eval_split, data_dir=config.data.data_dir or None,
         seed=config.data.seed, class_names=getattr(train_source, "class_names", None))
   except FileNotFoundError as e:  # the message says how to obtain the data
-    raise app.UsageError(f"config.data: {e}") from e
+    raise faults.RunError(f"config.data: {e}") from e
   teachers = load_teachers(config)
   shared_teacher = teachers["logit"] is not None and teachers["logit"] is teachers["feature"]
 
@@ -162,24 +221,10 @@ def train_and_evaluate(config, workdir):
                                 remat=config.remat)
   deploy = (models.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
             if getattr(student, "token_mixer", None) == "affine" else None)
-
   steps_per_epoch = input_pipeline.steps_per_epoch(
       train_source, config.batch_size, jax.process_count())
   total_steps = config.total_steps or config.epochs * steps_per_epoch
-  schedule = optim.learning_rate_schedule(
-      optim.peak_learning_rate(config.lr, config.batch_size),
-      total_steps, min(config.warmup_epochs * steps_per_epoch, total_steps - 1),
-      optim.peak_learning_rate(config.min_lr, config.batch_size))
-  mix = distill.MixConfig(config.aug.mixup, config.aug.cutmix, config.aug.switch_prob,
-                          1.0, config.aug.label_smoothing)
-  distiller = distill.Distiller(
-      student=student,
-      optimizer=optim.make_optimizer(schedule, config.weight_decay,
-                                     clip_grad_norm=config.clip_grad_norm or None),
-      num_classes=config.model.num_classes, mix=mix,
-      temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
-      shared_teacher=shared_teacher, accum_steps=config.accum_steps,
-      ema_decay=config.ema_decay, schedule=schedule)
+  distiller = make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher)
 
   # State: replicated (data parallel) or FSDP-sharded; teachers likewise.
   shard = (lambda tree: distill.fsdp_shardings(tree, mesh)) if config.fsdp else (
@@ -191,113 +236,114 @@ def train_and_evaluate(config, workdir):
   # A shared teacher goes to the step once: its one forward pass serves both roles.
   step_feature_teacher = None if shared_teacher else teachers["feature"]
 
-  checkpoints = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
-  best = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "best"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["top1"]))
-  start = checkpoints.latest_step() or 0
+  abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
+      leaf.shape, leaf.dtype, sharding=sharding), state, state_shardings)
+  restored, start = checkpoints.restore(abstract)
+  state = restored if start else jax.device_put(state, state_shardings)
   if start:
-    abstract = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                    sharding=sharding),
-        state, state_shardings)
-    state = checkpoints.restore(start, args=ocp.args.StandardRestore(abstract))
     print(f"resumed from step {start}", flush=True)
-  else:
-    state = jax.device_put(state, state_shardings)
 
-  rng = jax.random.key(config.seed)
-  data = distill.data_sharding(mesh)
+  # The step carries the non-finite watch beside the state (not in checkpoints).
+  watch = faults.NonFiniteWatch(WATCHED)
+  def step_fn(state, health, images, labels, weights, rng, logit_teacher, feature_teacher):
+    new_state, metrics = distiller.train_step(state, images, labels, weights, rng,
+                                              logit_teacher, feature_teacher)
+    return new_state, watch.update(health, metrics, new_state.step), metrics
+
+  rng, data, replicated = jax.random.key(config.seed), distill.data_sharding(mesh), \
+      distill.replicated(mesh)
   train_step = jax.jit(
-      distiller.train_step, donate_argnums=0,
-      in_shardings=(state_shardings, data, data, None, None,
+      step_fn, donate_argnums=(0, 1),
+      in_shardings=(state_shardings, replicated, data, data, None, None,
                     teachers["logit"] and shard(teachers["logit"]),
                     step_feature_teacher and shard(step_feature_teacher)),
-      out_shardings=(state_shardings, None))
+      out_shardings=(state_shardings, replicated, None))
+  params_finite = jax.jit(faults.all_finite)
+  health = jax.device_put(watch.init(), replicated)
+  eval_fns = eval_functions(config, student, deploy)
 
-  def eval_fn(module, params_of, reparameterize=False):
-    @jax.jit
-    def counts(state, batch):
-      params = params_of(state)
-      params = surgery.reparameterize(params) if reparameterize else params
-      return jnp.stack(distill.eval_counts(module, {"params": params}, batch["image"],
-                                           batch["label"], batch["mask"]))
-    return counts
-
-  eval_fns = {"student": eval_fn(student, lambda s: s.params)}
-  if deploy is not None:  # must agree with the student: both are reported
-    eval_fns["deploy"] = eval_fn(deploy, lambda s: s.params, reparameterize=True)
-  if config.ema_decay:
-    eval_fns["ema"] = eval_fn(student, lambda s: s.ema_params)
-
-  writer = MetricsWriter(workdir)
+  reporter = reporting.Reporter(workdir, total_steps=total_steps, start_step=start,
+                                steps_per_epoch=steps_per_epoch,
+                                global_batch_size=config.batch_size)
+  reporter.config(config.to_dict(), start)
   if start == 0:
-    for teacher in placed.values():  # each teacher once, under each of its roles
-      fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
-          t.module, t.variables, b["image"], b["label"], b["mask"])))
-      results = evaluate({"teacher": lambda _, b, fn=fn: fn(b)}, None, eval_source,
-                         config, mesh)
-      writer.write(0, {f"teacher_{role}/{k.split('/')[1]}": v
-                       for role, t in teachers.items() if t is teacher
-                       for k, v in results.items()})
+    evaluate_teachers(teachers, placed, eval_source, config, mesh, reporter)
 
-  stop = {"requested": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-  try:
-    recipe = augment.TrainAugment(
-        size=config.resolution, scale=tuple(config.aug.scale),
-        ratio=tuple(config.aug.ratio), hflip=config.aug.hflip,
-        auto_augment=config.aug.auto_augment or None, re_prob=config.aug.re_prob)
-    batches = input_pipeline.global_batches(input_pipeline.train_batches(
-        train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
-        start_step=start, num_steps=total_steps - start,
-        num_threads=config.data.num_threads or None), mesh)
-    eval_every = config.eval_every_epochs * steps_per_epoch
+  recipe = augment.TrainAugment(
+      size=config.resolution, scale=tuple(config.aug.scale), ratio=tuple(config.aug.ratio),
+      hflip=config.aug.hflip, auto_augment=config.aug.auto_augment or None,
+      re_prob=config.aug.re_prob)
+  batches = input_pipeline.global_batches(input_pipeline.train_batches(
+      train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
+      start_step=start, num_steps=total_steps - start,
+      num_threads=config.data.num_threads or None), mesh)
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  profiler = reporting.Profiler(workdir, config.profile_steps)
+  preemption = checkpointing.Preemption(checkpoints)
+  with preemption.handling_sigterm(), contextlib.closing(reporter), \
+      contextlib.closing(checkpoints):  # closing waits for saves in flight
     for step in range(start, total_steps):
       batch = next(batches)
       weights = loss_weights(config.losses, step / steps_per_epoch)
-      state, metrics = train_step(state, batch["image"], batch["label"], weights, rng,
-                                  teachers["logit"], step_feature_teacher)
+      args = (batch["image"], batch["label"], weights, rng, teachers["logit"],
+              step_feature_teacher)
+      if step == start:  # ahead of time, to log how long compiling took
+        compile_start = time.perf_counter()
+        train_step = train_step.lower(state, health, *args).compile()
+        reporter.message(f"compiled the train step in "
+                         f"{time.perf_counter() - compile_start:.1f} s")
+        reporter.restart_clock(start)
+      profiler.before_step(step)
+      state, health, metrics = train_step(state, health, *args)
+      reporter.tick()
       done = step + 1
+      if profiler.after_step(step, state):
+        reporter.message(f"profile of steps {profiler.first}-{profiler.last - 1} "
+                         f"written to {profiler.logdir}")
       if done % config.log_every_steps == 0 or done == total_steps:
-        writer.write(done, {"epoch": done / steps_per_epoch, **jax.device_get(metrics)})
+        metrics, host_health = jax.device_get((metrics, health))
+        watch.check(host_health, checkpoints.last_saved)
+        reporter.train(done, metrics)
+      stop = preemption.reached(done)
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
+        watch.check(health, checkpoints.last_saved,
+                    params_finite=bool(params_finite(state.params)))
+        checkpoints.save(done, state)
       if done % eval_every == 0 and done != total_steps:
         results = evaluate(eval_fns, state, eval_source, config, mesh)
-        writer.write(done, results)
-        save_best(best, done, state, results)
-      requested = stop["requested"]
-      if jax.process_count() > 1:  # every host stops at the same step
-        requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
-      if done % config.checkpoint_every_steps == 0 or done == total_steps or requested:
-        checkpoints.save(done, args=ocp.args.StandardSave(state))
-      if requested:
-        print(f"SIGTERM: saved step {done}, exiting", flush=True)
-        checkpoints.wait_until_finished()
+        reporter.evaluation(done, results)
+        checkpoints.save_best(done, state, results["student/top1"])
+        reporter.restart_clock(done)
+      if stop:
+        reporter.message(f"SIGTERM: saved step {done}, exiting")
         return None
-
-    checkpoints.wait_until_finished()
+    checkpoints.wait()
     results = evaluate(eval_fns, state, eval_source, config, mesh)
-    writer.write(total_steps, results)
-    save_best(best, total_steps, state, results)
-    best.wait_until_finished()
-    if jax.process_index() == 0:
-      params = jax.device_get(state.params)
-      kwargs = dict(config.model)
-      pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
-                                 kwargs, params, overwrite=True, source=workdir)
-      if deploy is not None:
-        pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
-                                   dict(kwargs, deploy=True), surgery.reparameterize(params),
-                                   overwrite=True, source=workdir)
-      print(f"done: wrote {os.path.join(workdir, 'student')}"
-            f"{' and deploy' if deploy is not None else ''}", flush=True)
-  finally:  # the next run in this process (demo.py, roadmap.py) installs its own
-    signal.signal(signal.SIGTERM, previous_handler)
-  if stop["requested"]:  # came after the last step: now that all is written, obey it
+    reporter.evaluation(total_steps, results)
+    checkpoints.save_best(total_steps, state, results["student/top1"])
+  if jax.process_index() == 0:
+    save_final_models(workdir, config, state, deploy)
+  if preemption.requested:  # came after the last step: now that all is written, obey it
     signal.raise_signal(signal.SIGTERM)
   return results
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every error in a config override on one line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config  # noqa: B018 (a config file that failed to load raises on first use)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown config field
+    sys.exit(f"train.py: {faults.unknown_field_message(e, argv)}")
+  except (flags.Error, OSError) as e:
+    sys.exit(f"train.py: {e}")
+  flag = FLAGS["config"]
+  try:
+    faults.check_override_types(flag.parser.parse(flag.config_filename),
+                                config_flags.get_override_values(flag))
+  except faults.RunError as e:
+    sys.exit(f"train.py: {e}")
+  return rest
 
 
 def main(argv):
@@ -310,8 +356,14 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.compilation_cache_dir:  # a restarted run reuses its programs
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(FLAGS.config.compilation_cache_dir))
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.accept_config_changes)
+  except faults.RunError as e:
+    sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -111,6 +111,9 @@ def riformer_config(size):
   config.eval_every_epochs = 10
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  config.profile_steps = (0, 0)  # (first step, count): a jax.profiler trace; 0 = off
+  # XLA programs kept across runs: a restarted run does not compile again ("" = off).
+  config.compilation_cache_dir = "~/.cache/riformer_jax/jax"
   return config
 
 

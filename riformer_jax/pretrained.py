@@ -279,7 +279,11 @@ def load_pretrained(directory, **overrides):
     raise FileNotFoundError(f"{directory}: no {VARIABLES}/ checkpoint next to the manifest")
   # orbax restores into the target's structure without comparing shapes: compare the
   # saved ones first, for an error that names the parameters.
-  saved = checkpointer.metadata(path).item_metadata.tree
+  metadata = checkpointer.metadata(path).item_metadata
+  if metadata is None:
+    raise ValueError(f"{path}: the array metadata is missing or unreadable (a corrupt "
+                     "or partial copy of the directory)")
+  saved = metadata.tree
   _check_shapes(saved.get("params", {}), abstract, path)
   restored = checkpointer.restore(path, target)
   return model, jax.tree.map(jax.numpy.asarray, restored)

@@ -10,9 +10,10 @@ import pytest
 
 import riformer_jax
 from riformer_jax import distill, losses, optim
-from conftest import TINY
+from conftest import TINY, randomize, relative_error
 
 BLOCKS = ("stages_1/blocks_1", "stages_2/blocks_0")
+PEAK_LR = 1e-3
 
 
 def weights(**on):
@@ -25,15 +26,51 @@ def setup():
   labels = jnp.arange(8) % 10
   student = riformer_jax.create_model("riformer_s12", **TINY)
   teacher = riformer_jax.create_model("poolformer_s12", **TINY)
-  params = student.init(jax.random.key(1), images[:1])["params"]
+  # Redrawn: init's layer scales of 1e-5 give the branches gradients below Adam's eps.
+  params = randomize(student.init(jax.random.key(1), images[:1])["params"], 1)
   teacher_vars = teacher.init(jax.random.key(2), images[:1])
   return images, labels, student, params, distill.Teacher(teacher, teacher_vars)
 
 
 def make_distiller(student, **kwargs):
-  schedule = optim.learning_rate_schedule(1e-3, total_steps=10, warmup_steps=2)
+  # No warm-up: a warm-up from 0 makes the first update a no-op, and the comparisons
+  # below need every update of their two steps to move the params.
+  schedule = optim.learning_rate_schedule(PEAK_LR, total_steps=10, warmup_steps=0)
   return distill.Distiller(student=student, optimizer=optim.make_optimizer(schedule),
                            num_classes=10, mi_blocks=BLOCKS, schedule=schedule, **kwargs)
+
+
+def assert_moved(after, before, name):
+  """A tenth of one Adam step: the leaf really moved, so comparing it tests an update."""
+  assert np.abs(np.asarray(after, np.float64) - before).max() > 0.1 * PEAK_LR, name
+
+
+def assert_same_updates(reference, other, initial):
+  """TrainState `other` took the updates `reference` took from the params `initial`.
+
+  Each leaf's update (final - initial) must have moved in `reference` and agree
+  normwise, which a dropped or halved update fails. Adam's mu and nu must agree too:
+  they start at 0 and scale with the gradient, so they show a summed instead of
+  averaged gradient in full, where Adam's near scale invariance leaves the params
+  only a trace of it. Adam divides each entry by its own gradient scale, so
+  summation-order noise in entries with small gradients moves the params by up to
+  ~1e-3 of the update; mu and nu, linear and quadratic in the gradient, agree to ~1e-6.
+  """
+  reference, other, initial = jax.device_get((reference, other, initial))
+  assert int(reference.step) >= 2 and int(other.step) == int(reference.step)
+  for name in ("params", "opt_state"):
+    assert jax.tree.structure(getattr(other, name)) == \
+        jax.tree.structure(getattr(reference, name)), name
+  paths = jax.tree_util.tree_flatten_with_path(initial)[0]
+  for (path, start), a, b in zip(paths, jax.tree.leaves(reference.params),
+                                 jax.tree.leaves(other.params)):
+    name = jax.tree_util.keystr(path)
+    assert_moved(a, start, name)
+    start = np.asarray(start, np.float64)
+    assert relative_error(np.asarray(b, np.float64) - start, a - start) < 1e-2, name
+  paths = jax.tree_util.tree_flatten_with_path(reference.opt_state)[0]
+  for (path, a), b in zip(paths, jax.tree.leaves(other.opt_state)):
+    assert relative_error(b, a) < 1e-4, jax.tree_util.keystr(path)
 
 
 def test_terms_are_the_losses_of_the_mixed_batch(setup):
@@ -91,30 +128,32 @@ def _run(distiller, params, images, labels, teacher, mesh, steps=2):
   w = weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
   for _ in range(steps):
     state, metrics = step(state, images, labels, w, jax.random.key(3), teacher, teacher)
-  return jax.device_get(state.params), jax.device_get(metrics)
+  return jax.device_get((state, metrics))
 
 
 def test_eight_devices_match_one(setup):
   images, labels, student, params, teacher = setup
   distiller = make_distiller(student)
-  one = _run(distiller, params, images, labels, teacher, distill.make_mesh(jax.devices()[:1]))
-  eight = _run(distiller, params, images, labels, teacher, distill.make_mesh())
+  one, one_metrics = _run(distiller, params, images, labels, teacher,
+                          distill.make_mesh(jax.devices()[:1]))
+  eight, eight_metrics = _run(distiller, params, images, labels, teacher,
+                              distill.make_mesh())
   assert len(jax.devices()) == 8
-  np.testing.assert_allclose(one[1]["loss/total"], eight[1]["loss/total"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(eight[0])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(one_metrics["loss/total"], eight_metrics["loss/total"],
+                             rtol=1e-5)
+  assert_same_updates(one, eight, params)
 
 
 def test_accumulation_gives_the_large_batch_update(setup):
   images, labels, student, params, teacher = setup
   mesh = distill.make_mesh()
-  whole = _run(make_distiller(student), params, images, labels, teacher, mesh)
-  accumulated = _run(make_distiller(student, accum_steps=2), params, images, labels,
-                     teacher, mesh)
-  np.testing.assert_allclose(whole[1]["loss/total"], accumulated[1]["loss/total"],
+  whole, whole_metrics = _run(make_distiller(student), params, images, labels, teacher,
+                              mesh)
+  accumulated, metrics = _run(make_distiller(student, accum_steps=2), params, images,
+                              labels, teacher, mesh)
+  np.testing.assert_allclose(whole_metrics["loss/total"], metrics["loss/total"],
                              rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(accumulated[0])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert_same_updates(whole, accumulated, params)
 
 
 def test_weight_decay_only_on_kernels(setup):
@@ -132,6 +171,9 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0, 1e-3, 2e-3],
                              rtol=1e-6)
   np.testing.assert_allclose(schedule(55), 1e-3, rtol=1e-5)
+  # Without warm-up the first step already takes the peak (make_distiller relies on it).
+  np.testing.assert_allclose(optim.learning_rate_schedule(2e-3, 100, 0)(0), 2e-3,
+                             rtol=1e-6)
   assert float(schedule(100)) == pytest.approx(0, abs=1e-9)
   with pytest.raises(ValueError, match="warm-up steps"):
     optim.learning_rate_schedule(1e-3, total_steps=10, warmup_steps=10)
@@ -145,28 +187,42 @@ def test_fsdp_shards_large_axes_and_keeps_results(setup):
       jax.sharding.PartitionSpec(None, "data")  # (32, 128): 128 splits over 8
   assert shardings["stem"]["bias"].spec == jax.sharding.PartitionSpec("data")  # 8
   distiller = make_distiller(student)
-  state = distiller.init_state(params)
-  state_shardings = distill.fsdp_shardings(state, mesh)
-  step = jax.jit(distiller.train_step, out_shardings=(state_shardings, None))
-  sharded, metrics = step(jax.device_put(state, state_shardings),
-                          jax.device_put(images, distill.data_sharding(mesh)), labels,
-                          weights(ce=1.0), jax.random.key(3))
-  plain, expected = jax.jit(distiller.train_step)(state, images, labels, weights(ce=1.0),
-                                                  jax.random.key(3))
-  np.testing.assert_allclose(metrics["loss/total"], expected["loss/total"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  plain = distiller.init_state(params)
+  state_shardings = distill.fsdp_shardings(plain, mesh)
+  sharded = jax.device_put(plain, state_shardings)
+  sharded_images = jax.device_put(images, distill.data_sharding(mesh))
+  sharded_step = jax.jit(distiller.train_step, out_shardings=(state_shardings, None))
+  plain_step = jax.jit(distiller.train_step)
+  for _ in range(2):
+    sharded, metrics = sharded_step(sharded, sharded_images, labels, weights(ce=1.0),
+                                    jax.random.key(3))
+    plain, expected = plain_step(plain, images, labels, weights(ce=1.0),
+                                 jax.random.key(3))
+    np.testing.assert_allclose(metrics["loss/total"], expected["loss/total"], rtol=1e-5)
+  assert sharded.params["stages_3"]["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec == \
+      jax.sharding.PartitionSpec(None, "data")  # the update keeps the layout
+  assert_same_updates(plain, sharded, params)
 
 
 def test_ema_tracks_the_params(setup):
   images, labels, student, params, _ = setup
   distiller = make_distiller(student, ema_decay=0.75)
+  step = jax.jit(distiller.train_step)
   state = distiller.init_state(params)
-  new, _ = jax.jit(distiller.train_step)(state, images, labels, weights(ce=1.0),
-                                         jax.random.key(0))
-  for ema, before, after in zip(*map(jax.tree.leaves,
-                                     (new.ema_params, params, new.params))):
-    np.testing.assert_allclose(ema, 0.75 * before + 0.25 * after, rtol=1e-6, atol=1e-7)
+  history = [params]
+  for _ in range(2):
+    state, _ = step(state, images, labels, weights(ce=1.0), jax.random.key(0))
+    history.append(state.params)
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, _), p0, p1, p2, ema in zip(
+      paths, *map(jax.tree.leaves, jax.device_get((*history, state.ema_params)))):
+    name = jax.tree_util.keystr(path)
+    assert_moved(p1, p0, name)
+    assert_moved(p2, p1, name)
+    p0, p1, p2 = (np.asarray(p, np.float64) for p in (p0, p1, p2))
+    expected = 0.75 * (0.75 * p0 + 0.25 * p1) + 0.25 * p2  # ema_0 = params_0
+    # Compared as moves away from params_0, which both steps contribute to.
+    assert relative_error(ema - p0, expected - p0) < 1e-3, name
 
 
 def test_rematerialisation_changes_memory_not_results(setup):
@@ -176,12 +232,14 @@ def test_rematerialisation_changes_memory_not_results(setup):
     student = riformer_jax.create_model("riformer_s12", **TINY, remat=remat,
                                         drop_path_rate=0.2)
     distiller = make_distiller(student)
-    new, metrics = jax.jit(distiller.train_step)(
-        distiller.init_state(params), images, labels, weights(ce=1.0), jax.random.key(0))
-    results.append((metrics["loss/total"], new.params))
+    step = jax.jit(distiller.train_step)
+    state, totals = distiller.init_state(params), []
+    for _ in range(2):  # two steps, two drop-path draws
+      state, metrics = step(state, images, labels, weights(ce=1.0), jax.random.key(0))
+      totals.append(metrics["loss/total"])
+    results.append((totals, state))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert_same_updates(results[0][1], results[1][1], params)
 
 
 def test_eval_counts_with_fewer_than_five_classes():

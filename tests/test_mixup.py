@@ -1,17 +1,21 @@
 """Mixup/CutMix/label smoothing against timm's Mixup, and the invariants a trainer needs."""
 
+import dataclasses
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 import torch_reference  # noqa: F401  (makes timm importable)
 from timm.data import mixup as timm_mixup
 
-from riformer_jax import input_pipeline, mixup
+import riformer_jax
+from riformer_jax import distill, input_pipeline, losses, mixup
+from conftest import TINY, randomize
 
 
 def _images(batch=6, size=8, seed=0):
@@ -118,29 +122,73 @@ def test_groups_mix_within_themselves():
       assert float(targets[rows][:, [c for c in range(batch) if c // 4 != g]].sum()) == 0
 
 
-def test_teacher_and_student_see_the_same_mixed_batch_on_a_sharded_mesh():
-  """Inside one jitted step on 8 devices, both models take the array mix_batch made."""
-  mesh = jax.make_mesh((8,), ("data",))
-  host = {"image": _images(batch=16, size=8), "label": np.arange(16, dtype=np.int32) % 5}
+def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
+  """`Distiller.train_step` on 8 devices with mixup/CutMix, the student its own teacher
+  in both roles (TINY has no dropout or drop path): the distillation terms vanish
+  only if the teachers take the very array the student takes."""
+  mesh = distill.make_mesh()
+  host = {"image": _images(batch=16, size=32), "label": np.arange(16, dtype=np.int32) % 5}
   batch = input_pipeline.to_global(host, mesh)
+  assert mesh.devices.size == 8
   assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  student = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=5))
+  params = randomize(student.init(jax.random.key(1), host["image"][:1])["params"], 2)
+  # Without the head's biases the argmax varies with the input, so hard KD can tell
+  # batches apart (with them every row of these random logits has the same argmax).
+  params["head"] = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if path[-1].key == "bias" else p, params["head"])
+  teacher = jax.device_put(distill.Teacher(student, {"params": params}),
+                           distill.replicated(mesh))
+  config = distill.MixConfig()
+  blocks = ("stages_1/blocks_1", "stages_2/blocks_0")
+  distiller = distill.Distiller(student=student, optimizer=optax.sgd(0.1), num_classes=5,
+                                mix=config, mi_blocks=blocks)
+  state = jax.device_put(distiller.init_state(params), distill.replicated(mesh))
+  every_term = {t: jnp.float32(1.0) for t in distill.TERMS}
+  steps = {shared: jax.jit(dataclasses.replace(distiller,
+                                               shared_teacher=shared).train_step)
+           for shared in (False, True)}
+  apply = jax.jit(lambda x: student.apply({"params": params}, x,
+                                          mutable=["intermediates"]))
 
-  def teacher(images):
-    return images * 2.0
+  def draw(rng):  # the step's own draw: mixing takes the first half of fold_in(rng, 0)
+    key = jax.random.split(jax.random.fold_in(rng, 0))[0]
+    return mixup.mix_batch(key, jnp.asarray(host["image"]), jnp.asarray(host["label"]), 5,
+                           **dataclasses.asdict(config))
 
-  def student(images):
-    return images + 1.0
+  def terms(student_images, teacher_images):
+    (logits, taps), (teacher_logits, teacher_taps) = map(apply, (student_images,
+                                                                 teacher_images))
+    mi = losses.module_imitation(taps["intermediates"], teacher_taps["intermediates"],
+                                 blocks)
+    return {"hard_kd": losses.hard_distillation(logits, teacher_logits),
+            "soft_kd": losses.soft_distillation(logits, teacher_logits),
+            "mi_in": mi["in"], "mi_out": mi["out"], "mi_rel": mi["rel"]}
 
-  @jax.jit
-  def step(key, batch):
-    images, targets = mixup.mix_batch(key, batch["image"], batch["label"], 5)
-    return teacher(images) / 2.0, student(images) - 1.0, images, targets
-
-  seen_by_teacher, seen_by_student, images, targets = step(jax.random.key(5), batch)
-  np.testing.assert_allclose(seen_by_teacher, images, rtol=1e-6)
-  np.testing.assert_allclose(seen_by_student, images, atol=1e-6)
-  # Sharding does not change the draw: same result as on one device.
-  expected, expected_targets = mixup.mix_batch(
-      jax.random.key(5), jnp.asarray(host["image"]), jnp.asarray(host["label"]), 5)
-  np.testing.assert_allclose(images, expected, atol=1e-6)
-  np.testing.assert_allclose(targets, expected_targets, atol=1e-6)
+  unmixed_ce = losses.cross_entropy(apply(host["image"])[0],
+                                    mixup.smooth_one_hot(host["label"], 5, 0.1))
+  rngs = jax.random.key(0), jax.random.key(1)
+  draws = [draw(rng) for rng in rngs]
+  kept = [float(np.mean(np.asarray(images) == host["image"])) for images, _ in draws]
+  assert 0 < kept[0] < 1 and kept[1] == 0  # a CutMix draw and a mixup draw
+  for rng, (images, targets), (other_images, _) in zip(rngs, draws, draws[::-1]):
+    ce = losses.cross_entropy(apply(images)[0], targets)
+    assert abs(float(ce) - float(unmixed_ce)) > 1e-3  # the pin below tells them apart
+    same = terms(images, images)
+    for shared, step in steps.items():
+      _, metrics = step(state, batch["image"], batch["label"], every_term, rng, teacher,
+                        teacher)
+      # The student took this draw (the sharded step draws as one device does) ...
+      np.testing.assert_allclose(metrics["loss/ce"], ce, rtol=1e-5, err_msg=str(shared))
+      # ... and so did the teachers: equal logits and taps, the same argmax.
+      for term in ("soft_kd", "mi_in", "mi_out", "mi_rel"):
+        assert float(metrics[f"loss/{term}"]) < 1e-6, (shared, term)
+      np.testing.assert_allclose(metrics["loss/hard_kd"], same["hard_kd"], rtol=1e-5,
+                                 err_msg=str(shared))
+    # A teacher fed the unmixed batch or another draw would show in every term, 100
+    # times above the bounds.
+    for seen in (host["image"], other_images):
+      control = terms(images, seen)
+      assert all(float(control[t]) > 1e-4 for t in ("soft_kd", "mi_in", "mi_out",
+                                                    "mi_rel")), control
+      assert float(control["hard_kd"]) > float(same["hard_kd"]) * (1 + 1e-3), control

@@ -1,5 +1,7 @@
-"""train.py end to end on the embedded data set: resume after SIGTERM and kill -9,
-teachers, config errors. Each run is a real process, as a user starts it."""
+"""train.py end to end on the embedded data set: what a user watches, resume after
+SIGTERM and kill -9, FSDP, teachers, and every fault a run meets (divergence, corrupt
+checkpoints, a changed config, an unreadable teacher, a misspelt override). Each run
+is a real process, as a user starts it."""
 
 import contextlib
 import json
@@ -13,7 +15,10 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 import riformer_jax
 from riformer_jax import pretrained
@@ -24,11 +29,11 @@ SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=2",
          "--config.model.dims=(8, 16, 24, 32)"]
 
 
-def start(workdir, *overrides, config="configs/tiny.py"):
+def start(workdir, *overrides, config="configs/tiny.py", env=None):
   return subprocess.Popen(
       [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}",
        *SHORT, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+      text=True, env=env)
 
 
 def run(workdir, *overrides, **kwargs):
@@ -50,15 +55,42 @@ def interrupt(workdir, sig, *overrides):
   return process.returncode, output
 
 
+def resumed_step(output):
+  (line,) = [line for line in output.splitlines() if line.startswith("resumed from step")]
+  return int(line.split()[-1])
+
+
 def final_params(workdir):
   _, variables = riformer_jax.load_pretrained(os.path.join(workdir, "student"))
   return jax.device_get(variables["params"])
 
 
+def saved_state(workdir, step):
+  """A train-state checkpoint as numpy arrays, whatever devices wrote it."""
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  return checkpointer.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+                if n.isdigit())
+
+
+def assert_same_tree(actual, expected, **tolerance):
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    if tolerance:
+      np.testing.assert_allclose(a, b, **tolerance)
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
-  code, output = run(workdir)
+  code, output = run(workdir, "--config.log_every_steps=4", "--config.profile_steps=(5, 2)")
   assert code == 0, output
   return workdir, output
 
@@ -73,29 +105,128 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
 
 
+def test_a_run_shows_progress_and_writes_tensorboard_and_its_config(straight):
+  workdir, output = straight
+  # Output to a pipe: one progress line per log interval, then the evaluation.
+  progress = [line for line in output.splitlines() if line.startswith("step ") and
+              "/12 " in line]
+  assert [line.split()[1] for line in progress] == ["4/12", "8/12", "12/12"]
+  for part in ("epoch", "img/s", "/device)", "ms/step", "loss", "lr", "elapsed", "ETA"):
+    assert all(part in line for line in progress), (part, progress)
+  assert "compiled the train step in" in output
+  assert "profile of steps 5-6 written" in output
+  assert list((workdir / "tensorboard" / "plugins" / "profile").rglob("*.xplane.pb"))
+
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["batch_size"] == 32 and config["model"]["dims"] == [8, 16, 24, 32]
+
+  # Every scalar of metrics.jsonl, at its steps, is in TensorBoard; so is the config.
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+  board = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+  board.Reload()
+  assert {"config", "_hparams_/session_start_info", "perf/images_per_s",
+          "student/top1"} <= set(board.Tags()["tensors"])
+  assert b'"batch_size": 32' in board.Tensors("config")[0].tensor_proto.string_val[0]
+  for line in logged:
+    for name, value in line.items():
+      if name != "step":
+        recorded = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                    for e in board.Tensors(name)}
+        assert recorded[line["step"]] == pytest.approx(value, rel=1e-6), name
+
+
 def test_rerunning_a_finished_run_evaluates_it_again(straight, tmp_path):
   shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
-  code, output = run(tmp_path)
+  # A harmless change (how often to log) is accepted and said.
+  code, output = run(tmp_path, "--config.log_every_steps=3")
   assert code == 0 and "resumed from step 12" in output, output
+  assert "log_every_steps: 4 -> 3" in output
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[-1]) == json.loads(lines[-2])  # the same final evaluation
-  reference, again = final_params(straight[0]), final_params(tmp_path)
-  assert jax.tree.all(jax.tree.map(np.array_equal, reference, again))
+  assert_same_tree(final_params(tmp_path), final_params(straight[0]))
 
 
 @pytest.mark.parametrize("sig", [
     signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_run_is_bit_identical(straight, tmp_path, sig):
-  code, output = interrupt(tmp_path, sig)
+  code, output = interrupt(tmp_path, sig, "--config.log_every_steps=4")
   if sig == signal.SIGKILL:
     assert code == -signal.SIGKILL
   else:
     assert code == 0 and "SIGTERM: saved step" in output, output
   assert not (tmp_path / "student").exists()  # it really stopped early
+  code, output = run(tmp_path, "--config.log_every_steps=4",
+                     env=dict(os.environ, JAX_LOG_COMPILES="1"))
+  assert code == 0, output
+  assert 2 <= resumed_step(output) < 12  # resumed part-way, from a checkpoint
+  # The restarted run takes its train step from the persistent compilation cache.
+  assert "Persistent compilation cache hit for 'jit_step_fn'" in output
+  assert_same_tree(final_params(tmp_path), final_params(straight[0]))
+  assert_same_tree(saved_state(tmp_path, 12), saved_state(straight[0], 12))
+
+
+def test_fsdp_run_resumes_from_a_sharded_checkpoint(straight, tmp_path):
+  code, _ = interrupt(tmp_path, signal.SIGKILL, "--config.fsdp=True")
+  assert code == -signal.SIGKILL
+  first = checkpoint_steps(tmp_path)[0]
+  with open(tmp_path / "checkpoints" / str(first) / "default" / "_sharding") as f:
+    specs = [json.loads(v)["partition_spec"] for v in json.load(f).values()]
+  assert any("data" in spec for spec in specs)  # the state really is sharded on disk
+  code, output = run(tmp_path, "--config.fsdp=True")
+  assert code == 0, output
+  assert 2 <= resumed_step(output) < 12
+  # Sharded storage changes reduction orders, not the training.
+  assert_same_tree(saved_state(tmp_path, 12), saved_state(straight[0], 12),
+                   rtol=1e-4, atol=1e-6)
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_values(tmp_path):
+  code, output = run(tmp_path, "--config.lr=1e4")
+  assert code != 0 and "Traceback" not in output, output
+  (message,) = [line for line in output.splitlines() if "non-finite" in line]
+  bad_step = int(message.split(" at step ")[1].split(":")[0])
+  assert "grad_norm" in message or "loss/total" in message
+  saved = checkpoint_steps(tmp_path)
+  assert saved and max(saved) < bad_step and f"up to step {max(saved)} are kept" in message
+  for step in saved:  # every checkpoint kept is finite
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved_state(tmp_path, step)))
+  assert not (tmp_path / "student").exists() and not (tmp_path / "deploy").exists()
+
+
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, tmp_path):
+  shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
+  shutil.rmtree(tmp_path / "student")
+  # Step 12 with truncated array files, step 10 with broken metadata.
+  for data in (tmp_path / "checkpoints" / "12").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:50])
+  (tmp_path / "checkpoints" / "10" / "default" / "_METADATA").write_text("{")
+  code, output = run(tmp_path, "--config.log_every_steps=4")
+  assert code == 0 and "Traceback" not in output, output
+  assert "checkpoint step 12 does not restore" in output
+  assert "checkpoint step 10 does not restore" in output
+  assert resumed_step(output) == 8
+  assert (tmp_path / "corrupt_checkpoints" / "12").is_dir()  # kept for a post-mortem
+  assert_same_tree(final_params(tmp_path), final_params(straight[0]))
+
+  # When no checkpoint restores: an error naming the workdir, nothing moved.
+  for step in checkpoint_steps(tmp_path):
+    (tmp_path / "checkpoints" / str(step) / "default" / "_METADATA").write_text("{")
   code, output = run(tmp_path)
-  assert code == 0 and "resumed from step" in output, output
-  reference, resumed = final_params(straight[0]), final_params(tmp_path)
-  assert jax.tree.all(jax.tree.map(np.array_equal, reference, resumed))
+  assert code != 0 and "Traceback" not in output, output
+  assert f"no checkpoint in {tmp_path}/checkpoints restores" in output
+  assert checkpoint_steps(tmp_path) == [8, 10, 12]
+
+
+def test_resuming_with_another_config_is_refused_before_compiling(straight, tmp_path):
+  shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
+  code, output = run(tmp_path, "--config.model.depths=(1, 1, 2, 2)",
+                     "--config.batch_size=48", "--config.log_every_steps=4")
+  assert code != 0 and "Traceback" not in output, output
+  assert "model.depths: (1, 1, 2, 1) -> (1, 1, 2, 2)" in output
+  assert "batch_size: 32 -> 48" in output
+  assert "log_every_steps" not in output  # unchanged here, and harmless anyway
+  assert "compiled" not in output
 
 
 def test_distillation_with_teachers_and_teacher_init(tmp_path):
@@ -121,12 +252,29 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path):
   assert all(m["loss/soft_kd"] > 0 and m["loss/mi_in"] > 0 and m["loss/ce"] > 0
              for m in train_lines)
 
+  # The same directory with damaged arrays: named, with the cause, no traceback.
+  for data in (tmp_path / "teacher" / "variables").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:20])
+  code, output = run(tmp_path / "run2", f"--config.teachers.logit={tmp_path / 'teacher'}",
+                     config="configs/tiny.py:with_teacher")
+  assert code != 0 and "Traceback" not in output, output
+  assert f"config.teachers.logit='{tmp_path / 'teacher'}' is not a readable model" in output
+
 
 def test_bad_configuration_is_named(tmp_path):
   code, output = run(tmp_path, "--config.batch_sise=8")
-  assert code != 0 and "batch_sise" in output
+  assert code != 0 and "Traceback" not in output
+  assert "--config.batch_sise: no such config field; did you mean --config.batch_size?" \
+      in output
+  code, output = run(tmp_path, "--config.model.dims=(8, 16, x, 32)")
+  assert code != 0 and "Traceback" not in output
+  assert "--config.model.dims" in output and "expected a tuple of int" in output
+  code, output = run(tmp_path, "--config.lr=fast")
+  assert code != 0 and "Traceback" not in output and "--config.lr=fast" in output
   code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
   assert code != 0 and "config.teachers.logit" in output and "convert.py" in output
+  code, output = run(tmp_path, f"--config.init_from={tmp_path}")  # no manifest
+  assert code != 0 and "Traceback" not in output and "config.init_from" in output
   code, output = run(tmp_path, "--config.data.dataset=imagenet2012",
                      f"--config.data.data_dir={tmp_path}")
   assert code != 0 and "ILSVRC2012_img_train.tar" in output
@@ -134,20 +282,41 @@ def test_bad_configuration_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_over_loopback_match_one_with_eight_devices(straight, tmp_path):
+def test_two_processes_match_one_with_eight_devices_and_agree_on_sigterm(straight,
+                                                                         tmp_path):
+  """Two processes over loopback, one of them sent SIGTERM: orbax's preemption
+  support has both save the same step and exit; resumed, they end where one process
+  with eight devices does."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  with socket_port() as port:
-    processes = [subprocess.Popen(
-        [sys.executable, "train.py", "--config=configs/tiny.py",
-         f"--workdir={tmp_path}", *SHORT, f"--coordinator_address=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
+
+  def two_processes(*extra):
+    with socket_port() as port:
+      return [subprocess.Popen(
+          [sys.executable, "train.py", "--config=configs/tiny.py",
+           f"--workdir={tmp_path}", *SHORT, "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=100", f"--coordinator_address=localhost:{port}",
+           "--num_processes=2", f"--process_id={i}", *extra],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+  processes = two_processes()
+  first = processes[0].stdout.readline()
+  while not first.startswith("step 3/"):  # a few steps in: preempt the second host
+    assert first, "process 0 ended early"
+    first = processes[0].stdout.readline()
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs
-  for reference, two_hosts in zip(jax.tree.leaves(final_params(straight[0])),
-                                  jax.tree.leaves(final_params(tmp_path))):
-    np.testing.assert_allclose(two_hosts, reference, rtol=1e-5, atol=1e-7)
+  assert "SIGTERM: saved step" in outputs[0]
+  (stopped,) = checkpoint_steps(tmp_path)
+  assert 3 <= stopped < 12
+
+  processes = two_processes()
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert resumed_step(outputs[0]) == stopped
+  assert_same_tree(saved_state(tmp_path, 12), saved_state(straight[0], 12),
+                   rtol=1e-5, atol=1e-7)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,97 @@
+"""checkpointing: the recorded config, restoring past broken checkpoints, SIGTERM."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from riformer_jax import checkpointing, faults
+
+
+def config(**changes):
+  base = ml_collections.ConfigDict({"batch_size": 32, "log_every_steps": 10,
+                                    "model": {"dims": (8, 16)}})
+  base.update(changes)
+  return base
+
+
+def test_config_is_recorded_at_the_first_start_and_checked_on_resume(tmp_path):
+  assert checkpointing.record_config(tmp_path, config(), resuming=False) == []
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  assert recorded == {"batch_size": 32, "log_every_steps": 10, "model": {"dims": [8, 16]}}
+  # Resuming: harmless changes come back to be logged, the record stays as it was.
+  assert checkpointing.record_config(tmp_path, config(log_every_steps=5),
+                                     resuming=True) == ["log_every_steps: 10 -> 5"]
+  assert json.loads((tmp_path / "config.json").read_text()) == recorded
+  with pytest.raises(faults.RunError) as error:
+    checkpointing.record_config(tmp_path, config(batch_size=64), resuming=True)
+  assert "batch_size: 32 -> 64" in str(error.value) and str(tmp_path) in str(error.value)
+  # Accepted on request, and the new config becomes the record.
+  changes = checkpointing.record_config(tmp_path, config(batch_size=64), resuming=True,
+                                        accept_changes=True)
+  assert changes == ["batch_size: 32 -> 64 (accepted by --accept_config_changes)"]
+  assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
+  # Not resuming (no checkpoint yet): the record is simply replaced.
+  checkpointing.record_config(tmp_path, config(batch_size=16), resuming=False)
+  assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 16
+
+
+def test_an_unreadable_recorded_config_is_named(tmp_path):
+  (tmp_path / "config.json").write_text("{")
+  with pytest.raises(faults.RunError, match="config.json: not a readable config"):
+    checkpointing.record_config(tmp_path, config(), resuming=True)
+
+
+def state(value):
+  return {"w": jnp.full((4, 3), value, jnp.float32), "step": jnp.int32(value)}
+
+
+def abstract():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
+
+
+def test_restore_skips_broken_checkpoints_newest_first(tmp_path):
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=5)
+  assert checkpoints.restore(abstract()) == (None, 0) and not checkpoints.any()
+  for step in (1, 2, 3):
+    checkpoints.save(step, state(step))
+  checkpoints.wait()
+  # 3: truncated arrays; 2: a partial copy without its data.
+  for data in (tmp_path / "checkpoints" / "3").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:10])
+  for data in (tmp_path / "checkpoints" / "2").rglob("d"):
+    for f in data.iterdir():
+      f.unlink()
+  restored, step = checkpoints.restore(abstract())
+  assert step == 1 and int(restored["step"]) == 1
+  np.testing.assert_array_equal(restored["w"], np.full((4, 3), 1.0))
+  assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["2", "3"]
+  assert checkpoints.latest.all_steps() == [1]
+  checkpoints.save(2, state(2))  # the step can be saved again
+  checkpoints.close()
+
+
+def test_restore_names_the_workdir_when_nothing_restores(tmp_path):
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=5)
+  checkpoints.save(4, state(4))
+  checkpoints.wait()
+  (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").write_text("{")
+  with pytest.raises(faults.RunError, match=rf"no checkpoint in {tmp_path}/checkpoints "
+                                            r"restores: step 4 \(JSONDecodeError"):
+    checkpoints.restore(abstract())
+  assert (tmp_path / "checkpoints" / "4").is_dir()  # nothing moved
+
+
+def test_a_single_process_catches_sigterm_and_restores_the_handler(tmp_path):
+  preemption = checkpointing.Preemption(checkpointing.Checkpoints(tmp_path, keep=1))
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.handling_sigterm():
+    assert not preemption.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is before
