@@ -259,6 +259,9 @@ def train_and_evaluate(config, workdir, accept_changes=False):
                     step_feature_teacher and shard(step_feature_teacher)),
       out_shardings=(state_shardings, replicated, None))
   params_finite = jax.jit(faults.all_finite)
+  def check_saveable(state, health):  # before any save: the watch, then the params
+    watch.check(health, checkpoints.last_saved,
+                params_finite=bool(params_finite(state.params)))
   health = jax.device_put(watch.init(), replicated)
   eval_fns = eval_functions(config, student, deploy)
 
@@ -306,10 +309,10 @@ def train_and_evaluate(config, workdir, accept_changes=False):
         reporter.train(done, metrics)
       stop = preemption.reached(done)
       if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
-        watch.check(health, checkpoints.last_saved,
-                    params_finite=bool(params_finite(state.params)))
+        check_saveable(state, health)
         checkpoints.save(done, state)
       if done % eval_every == 0 and done != total_steps:
+        check_saveable(state, health)  # best/ takes this state
         results = evaluate(eval_fns, state, eval_source, config, mesh)
         reporter.evaluation(done, results)
         checkpoints.save_best(done, state, results["student/top1"])
