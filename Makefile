@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The default suite (what CI runs), about 12 minutes on 2 cores.
+# The default suite (what CI runs), about 18 minutes on 2 cores (19 with the .venv).
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
