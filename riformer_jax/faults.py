@@ -8,6 +8,7 @@ bad), and the host reads it only where it already waits for the device (log step
 and before every checkpoint. No step pays for a host sync to learn about a NaN.
 """
 
+import logging
 import re
 import sys
 
@@ -75,9 +76,10 @@ def all_finite(tree):
 
 def quiet_abandoned_reads():
   """Call after a failed orbax restore. It leaves tensorstore reads in flight; each
-  later tries to post to the restore's closed event loop, and Python prints a
-  traceback per array (hundreds) through `sys.unraisablehook`. Those are harmless once
-  the restore has failed: drop exactly them, pass anything else on."""
+  later tries to post to the restore's closed event loop (Python prints a traceback
+  per array, hundreds, through `sys.unraisablehook`) or is collected with its error
+  unread (asyncio logs "... exception was never retrieved" with a traceback). Both
+  are harmless once the restore has failed: drop exactly them, pass anything else on."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_abandoned_reads", False):
     return
@@ -88,6 +90,8 @@ def quiet_abandoned_reads():
       previous(unraisable)
   hook.quiets_abandoned_reads = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(
+      ("Future exception was never retrieved", "Task exception was never retrieved")))
 
 
 # --- a changed config on resume ---------------------------------------------------

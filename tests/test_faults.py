@@ -1,5 +1,6 @@
 """faults: the device-side non-finite watch, config comparison, override messages."""
 
+import logging
 import sys
 import types
 
@@ -93,3 +94,10 @@ def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced():
     sys.unraisablehook = previous
   assert [str(u.exc_value) for u in seen] == ["other", "Event loop is closed"]
   assert isinstance(seen[1].exc_value, ValueError)
+  asyncio_logger = logging.getLogger("asyncio")
+  try:
+    assert not asyncio_logger.filter(logging.makeLogRecord(
+        {"msg": "Task exception was never retrieved\nfuture: <Task ...>"}))
+    assert asyncio_logger.filter(logging.makeLogRecord({"msg": "Executing <Task> took"}))
+  finally:
+    asyncio_logger.filters.clear()
