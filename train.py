@@ -69,10 +69,10 @@ def load_model_dir(directory, field, **overrides):
         f"Convert the PyTorch weights first, e.g. `python convert.py --arch gfnet_h_b "
         f"--src gfnet-h-b.pth --dst {directory}` (README, 'Importing and exporting "
         "weights'), or give a student/ directory that train.py wrote.")
+  faults.quiet_abandoned_reads()
   try:
     return pretrained.load_pretrained(directory, **overrides)
   except Exception as e:  # a damaged directory fails in many ways: name it and the cause
-    faults.quiet_abandoned_reads()
     raise faults.RunError(f"{field}={directory!r} is not a readable model: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 

@@ -85,12 +85,13 @@ class Checkpoints:
     (shapes, dtypes and shardings), or (None, 0) in a new workdir. Newer checkpoints
     that fail are moved to corrupt_checkpoints/ with a warning naming the reason."""
     failed = []
+    if self.latest.all_steps():
+      faults.quiet_abandoned_reads()
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
         state = self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
       except Exception as e:  # orbax raises many kinds for a damaged directory
         failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-        faults.quiet_abandoned_reads()
         continue
       self._set_aside(failed)
       self.last_saved = step

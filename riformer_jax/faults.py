@@ -75,7 +75,8 @@ def all_finite(tree):
 
 
 def quiet_abandoned_reads():
-  """Call after a failed orbax restore. It leaves tensorstore reads in flight; each
+  """Call before an orbax restore that may fail: a failed one leaves tensorstore
+  reads in flight (some finish before the error reaches our handler); each
   later tries to post to the restore's closed event loop (Python prints a traceback
   per array, hundreds, through `sys.unraisablehook`) or is collected with its error
   unread (asyncio logs "... exception was never retrieved" with a traceback). Both
