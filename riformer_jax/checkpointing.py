@@ -84,10 +84,10 @@ class Checkpoints:
     """(state, step) from the newest checkpoint that restores into `abstract_state`
     (shapes, dtypes and shardings), or (None, 0) in a new workdir. Newer checkpoints
     that fail are moved to corrupt_checkpoints/ with a warning naming the reason."""
-    failed = []
-    if self.latest.all_steps():
+    failed, steps = [], sorted(self.latest.all_steps(), reverse=True)
+    if steps:
       faults.quiet_abandoned_reads()
-    for step in sorted(self.latest.all_steps(), reverse=True):
+    for step in steps:
       try:
         state = self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
       except Exception as e:  # orbax raises many kinds for a damaged directory
