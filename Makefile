@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo roadmap test test-all summary clean
+.PHONY: demo edge roadmap test test-all summary clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-edge.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
@@ -15,6 +15,14 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 # student, deploy form, one table and runs/demo/curves.png.
 demo: $(BIN)/.installed
 	$(BIN)/python demo.py --workdir=runs/demo
+
+# The demo's distilled student and its PoolFormer teacher for the edge runtimes (ONNX,
+# OpenVINO, LiteRT, with int8), then int8 against float32 on the test split.
+edge: demo
+	$(BIN)/python -m riformer_jax.export --src runs/demo/distilled/student --dst runs/edge/student --int8
+	$(BIN)/python -m riformer_jax.export --src runs/demo/teacher/student --dst runs/edge/poolformer --int8
+	$(BIN)/python -m riformer_jax.edge --artifacts runs/edge/student
+	$(BIN)/python -m riformer_jax.edge --artifacts runs/edge/poolformer
 
 # The roadmap (Tables 1-4, Guideline 5) at small scale, three seeds per row: 14 rows,
 # about 70 minutes on 2 cores (finished runs are reused).

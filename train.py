@@ -177,12 +177,16 @@ def evaluate_teachers(teachers, placed, eval_source, config, mesh, reporter):
 def save_final_models(workdir, config, state, deploy):
   params = jax.device_get(state.params)
   kwargs = dict(config.model)
+  # What the evaluation fed the model, for whoever deploys it (export.py's manifest).
+  preprocessing = pretrained.preprocessing_record(config.resolution,
+                                                  config.data.crop_pct or None)
   pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
-                             kwargs, params, overwrite=True, source=workdir)
+                             kwargs, params, overwrite=True, source=workdir,
+                             preprocessing=preprocessing)
   if deploy is not None:
     pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
                                dict(kwargs, deploy=True), surgery.reparameterize(params),
-                               overwrite=True, source=workdir)
+                               overwrite=True, source=workdir, preprocessing=preprocessing)
   print(f"done: wrote {os.path.join(workdir, 'student')}"
         f"{' and deploy' if deploy is not None else ''}", flush=True)
 

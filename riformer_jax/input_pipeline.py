@@ -622,13 +622,15 @@ def _decode_error(source, error, indices):
 
 
 def eval_preprocess(image, size=224, crop_pct: Optional[float] = 0.9,
-                    mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
+                    mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, normalize=True):
   """timm's evaluation transform on a uint8 HWC image -> float32 [size, size, 3].
 
   Resize (bicubic, antialiased) so the shorter side is `floor(size / crop_pct)`, the
   longer `int(short' * long / short)` as torchvision computes it, round to uint8 as
   PIL does, center crop `size` (offsets rounded like torchvision), normalise.
   `crop_pct=None` skips the resize (e.g. the synthetic set at its native size).
+  `normalize=False` returns the uint8 crop (what an exported model with the
+  normalisation baked in takes).
   """
   if crop_pct is not None:
     if not 0 < crop_pct <= 1:
@@ -649,19 +651,21 @@ def eval_preprocess(image, size=224, crop_pct: Optional[float] = 0.9,
   tf.debugging.assert_greater_equal(tf.minimum(shape[0], shape[1]), size,
                                     message="image smaller than the eval crop")
   image = image[top:top + size, left:left + size]
+  if not normalize:
+    return tf.ensure_shape(image, [size, size, 3])
   return tf.ensure_shape(augment.normalize(image, mean, std), [size, size, 3])
 
 
 def eval_dataset(source: Source, *, global_batch_size: int, size: int = 224,
                  crop_pct: Optional[float] = 0.9, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
-                 num_threads: Optional[int] = None) -> tf.data.Dataset:
+                 num_threads: Optional[int] = None, normalize: bool = True) -> tf.data.Dataset:
   """The `tf.data.Dataset` behind `eval_batches` (one pass)."""
   process_index, process_count = _host(process_index, process_count)
   host_batch = _host_batch(global_batch_size, process_count)
 
   def preprocess(payload, label, valid):
-    image = eval_preprocess(source.decode(payload), size, crop_pct)
+    image = eval_preprocess(source.decode(payload), size, crop_pct, normalize=normalize)
     return {"image": image, "label": label, "mask": valid}
 
   if source.random_access:
@@ -693,17 +697,19 @@ def eval_dataset(source: Source, *, global_batch_size: int, size: int = 224,
 def eval_batches(source: Source, *, global_batch_size: int, size: int = 224,
                  crop_pct: Optional[float] = 0.9, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
-                 num_threads: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+                 num_threads: Optional[int] = None, normalize: bool = True) -> Iterator[Dict[str, np.ndarray]]:
   """Every example exactly once, in order, as this host's rows of padded batches.
 
   Elements are {"image", "label", "mask"}; `mask` is False on the padding that fills
   the last global batch (and, for sequential TFDS sources, the shorter hosts), so a
   metric is `sum(correct * mask) / sum(mask)` over the whole loop. All hosts yield
-  the same number of batches. `crop_pct=None` skips the resize (native size).
+  the same number of batches. `crop_pct=None` skips the resize (native size);
+  `normalize=False` yields the uint8 crops.
   """
   ds = eval_dataset(source, global_batch_size=global_batch_size, size=size,
                     crop_pct=crop_pct, process_index=process_index,
-                    process_count=process_count, num_threads=num_threads)
+                    process_count=process_count, num_threads=num_threads,
+                    normalize=normalize)
   yield from ds.as_numpy_iterator()
 
 

@@ -210,6 +210,19 @@ def _local_checkpointer():
       primary_host=me, active_processes={me}))
 
 
+# ImageNet's channel statistics (augment.IMAGENET_MEAN/STD; not imported from there,
+# which would make reading a model need TensorFlow).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocessing_record(resolution=224, crop_pct=0.9, interpolation="bicubic",
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """The evaluation preprocessing a model expects, in timm's `pretrained_cfg` terms
+  (`crop_pct` None: images are used at their size, only center-cropped)."""
+  return {"input_size": [3, resolution, resolution], "crop_pct": crop_pct,
+          "interpolation": interpolation, "mean": list(mean), "std": list(std)}
+
+
 def save_pretrained(directory, name, kwargs, params, overwrite=False, **metadata):
   """Writes `params` of `create_model(name, **kwargs)` as DIR/variables + manifest."""
   model = models.create_model(name, **kwargs)  # validates name and kwargs

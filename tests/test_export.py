@@ -1,5 +1,7 @@
-"""Exported artifacts reload in a fresh process without this project and match Flax."""
+"""Exported artifacts (ONNX, OpenVINO, LiteRT, jax.export, SavedModel) reload in a fresh
+process that imports only their runtime, and match the Flax model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,41 +11,308 @@ import numpy as np
 import pytest
 
 import riformer_jax
-from riformer_jax import export, pretrained
+from riformer_jax import edge, export, input_pipeline, onnx_graph, pretrained
 from conftest import TINY, randomize, relative_error
 
+RESOLUTION = 32
+
+# Runs in a fresh interpreter from a temporary directory (the project is not
+# importable): for each job, the artifact in the named runtime on the saved inputs,
+# whole and first row alone. Then checks what the runtime pulled in.
 RELOAD = r"""
-import sys, numpy as np
-images = np.load(sys.argv[2])
-if sys.argv[1].endswith(".jax"):
-  import jax
-  exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
-  logits = [np.asarray(exported.call(images[:n])) for n in (1, len(images))]
-else:
-  import tensorflow as tf
-  model = tf.saved_model.load(sys.argv[1])
-  logits = [model.signatures["serving_default"](images=tf.constant(images[:n]))["logits"].numpy()
-            for n in (1, len(images))]
-np.save(sys.argv[3], logits[1]); np.save(sys.argv[3] + ".first", logits[0])
+import json, sys
+import numpy as np
+runtime, jobs = sys.argv[1], json.loads(sys.argv[2])
+
+def runner(path):
+  if runtime == "onnxruntime":
+    import onnxruntime as ort
+    options = ort.SessionOptions(); options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"images": x})[0]
+  if runtime == "openvino":
+    import openvino as ov
+    # float32 as the manifest says (OpenVINO's CPU default may be bfloat16)
+    config = json.load(open(path[:-len(".xml")] + ".json"))["openvino_config"] \
+        if not path.endswith("_int8.xml") else {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    return lambda x: compiled({"images": x})["logits"]
+  if runtime == "litert":
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(path)
+    def run(x):
+      (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+      interpreter.resize_tensor_input(source["index"], x.shape)
+      interpreter.allocate_tensors()
+      interpreter.set_tensor(source["index"], x)
+      interpreter.invoke()
+      return interpreter.get_tensor(target["index"])
+    return run
+  if runtime == "jax":
+    import jax
+    exported = jax.export.deserialize(open(path, "rb").read())
+    return lambda x: np.asarray(exported.call(x))
+  if runtime == "savedmodel":
+    import tensorflow as tf
+    function = tf.saved_model.load(path).signatures["serving_default"]
+    return lambda x: function(images=tf.constant(x))["logits"].numpy()
+
+for path, inputs, output, sizes in jobs:
+  images, run = np.load(inputs), runner(path)
+  np.save(output, np.concatenate([run(images[:n]) for n in sizes]))
+assert "riformer_jax" not in sys.modules
+if runtime in ("onnxruntime", "openvino", "litert"):
+  leaked = {"jax", "tensorflow", "torch"} & {m.split(".")[0] for m in sys.modules}
+  assert not leaked, f"{runtime} pulled in {leaked}"
 """
+
+SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "litert": ".tflite", "jax": ".jax",
+          "savedmodel": "_savedmodel"}
+
+
+def reload_in_fresh_processes(tmp_path, prefix_and_runtimes, inputs, sizes=(1, 3)):
+  """`{(prefix, runtime): logits of images[:n] for n in sizes, stacked}`."""
+  np.save(tmp_path / "inputs.npy", inputs)
+  by_runtime = {}
+  for prefix, runtime in prefix_and_runtimes:
+    output = f"{prefix}.{runtime}.out.npy"
+    by_runtime.setdefault(runtime, []).append(
+        (prefix + SUFFIX[runtime], str(tmp_path / "inputs.npy"), output, list(sizes)))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  for runtime, jobs in by_runtime.items():
+    result = subprocess.run([sys.executable, "-c", RELOAD, runtime, json.dumps(jobs)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{runtime}: {result.stderr[-3000:]}"
+  return {(prefix, runtime): np.load(f"{prefix}.{runtime}.out.npy")
+          for prefix, runtime in prefix_and_runtimes}
+
+
+def make_source(tmp_path, name, seed=1, **kwargs):
+  model = riformer_jax.create_model(name, **TINY, **kwargs)
+  params = randomize(model.init(jax.random.key(0), np.zeros((1, RESOLUTION,
+                                                              RESOLUTION, 3)))["params"],
+                     seed)
+  directory = pretrained.save_pretrained(
+      tmp_path / name, name, dict(TINY, **kwargs), params,
+      preprocessing=pretrained.preprocessing_record(RESOLUTION, 0.875))
+  return directory, model, params
+
+
+def flax_logits(model, params, images):
+  return np.asarray(model.apply({"params": params}, images))
+
+
+def stacked(logits, sizes=(1, 3)):
+  return np.concatenate([logits[:n] for n in sizes])
+
+
+def nhwc_images(seed=0, count=3):
+  return np.random.default_rng(seed).standard_normal(
+      (count, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ the ONNX graph
+
+
+@pytest.mark.parametrize("name,kwargs,fused", [
+    ("riformer_s12", {}, False),
+    ("riformer_s12", {"deploy": True}, False),
+    ("riformer_s12", {"deploy": True}, True),
+    ("identityformer_s12", {}, False),
+    ("poolformer_s12", {}, False),
+    ("poolformer_s12", {"head": "timm"}, False),
+    ("poolformer_s12", {"num_classes": 0}, False),
+])
+def test_the_onnx_graph_computes_what_the_flax_model_does(name, kwargs, fused):
+  import onnxruntime as ort  # noqa: PLC0415
+  model = riformer_jax.create_model(name, **{**TINY, **kwargs})
+  params = jax.device_get(randomize(model.init(
+      jax.random.key(0), np.zeros((1, RESOLUTION, RESOLUTION, 3)))["params"], 2))
+  images = nhwc_images()
+  expected = flax_logits(model, params, images)
+  for layout in ("NHWC", "NCHW"):
+    graph = onnx_graph.metaformer_model(params, token_mixer=model.token_mixer,
+                                        head=model.head, resolution=RESOLUTION,
+                                        layout=layout, fused=fused)
+    session = ort.InferenceSession(graph.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feed = images if layout == "NHWC" else images.transpose(0, 3, 1, 2)
+    assert relative_error(session.run(None, {"images": feed})[0], expected) < 1e-5, layout
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_path):
+  source, model, params = make_source(tmp_path, "riformer_s12")
+  messages = []
+  record = export.export(source, str(tmp_path / "out" / "m"), export.FORMATS, int8=True,
+                         calibration_count=16, log=messages.append)
+  assert any("re-parameterised" in m for m in messages), messages
+  assert record["deploy"] and not record["fused"]
+  assert record["input"] == {"name": "images", "shape": ["batch", RESOLUTION, RESOLUTION, 3],
+                             "layout": "NHWC", "dtype": "float32"}
+  assert record["preprocessing"] == dict(pretrained.preprocessing_record(RESOLUTION, 0.875),
+                                         baked_in=False)
+  assert record["int8"]["calibration_images"] == 16
+  assert json.loads((tmp_path / "out" / "m.json").read_text()) == record
+  for files in export.artifact_paths(str(tmp_path / "out" / "m"), export.FORMATS,
+                                     int8=True).values():
+    assert all(os.path.exists(f.rstrip("/")) for f in files), files
+  assert sorted(os.listdir(tmp_path / "out")) == sorted(  # no staging left behind
+      ["m.json", "m.onnx", "m.xml", "m.bin", "m.tflite", "m.jax", "m_savedmodel",
+       "m_int8.onnx", "m_int8.xml", "m_int8.bin"])
+
+  images = nhwc_images()
+  expected = stacked(flax_logits(model, params, images))  # the training-time model
+  prefix = str(tmp_path / "out" / "m")
+  runtimes = ("onnxruntime", "openvino", "litert", "jax", "savedmodel")
+  logits = reload_in_fresh_processes(
+      tmp_path, [(prefix, r) for r in runtimes] + [(prefix + "_int8", "onnxruntime"),
+                                                   (prefix + "_int8", "openvino")], images)
+  for runtime in runtimes:
+    assert relative_error(logits[prefix, runtime], expected) < 1e-4, runtime
+  for runtime in ("onnxruntime", "openvino"):
+    int8 = logits[prefix + "_int8", runtime]
+    error = relative_error(int8, expected)
+    # Quantised, so not equal; but the same function to a few percent, not noise.
+    assert 1e-5 < error < 0.1, (runtime, error)
+
+
+@pytest.mark.parametrize("name,kwargs,options", [
+    ("poolformer_s12", {}, dict(layout="NCHW")),
+    ("identityformer_s12", {}, dict(layout="NHWC")),
+    ("riformer_s12", {"deploy": True}, dict(layout="NCHW", fused=True)),
+])
+def test_poolformer_identityformer_and_the_fused_block_in_every_edge_runtime(
+    tmp_path, name, kwargs, options):
+  source, model, params = make_source(tmp_path, name, **kwargs)
+  prefix = str(tmp_path / "m")
+  formats = ("onnx", "openvino", "litert")
+  record = export.export(source, prefix, formats, log=lambda _: None, **options)
+  assert record["fused"] == options.get("fused", False)
+  images = nhwc_images(1)
+  feed = images.transpose(0, 3, 1, 2) if options["layout"] == "NCHW" else images
+  expected = stacked(flax_logits(model, params, images))
+  logits = reload_in_fresh_processes(
+      tmp_path, [(prefix, r) for r in ("onnxruntime", "openvino", "litert")], feed)
+  for runtime, value in logits.items():
+    assert relative_error(value, expected) < 1e-4, runtime
+
+
+def test_preprocessing_in_the_graph_matches_the_evaluation_pipeline(tmp_path):
+  """uint8 crops into the artifacts == the pipeline's normalised images into Flax."""
+  source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
+  prefix = str(tmp_path / "m")
+  record = export.export(source, prefix, ("onnx", "openvino", "litert", "jax"),
+                         preprocess=True, log=lambda _: None)
+  assert record["input"]["dtype"] == "uint8" and record["preprocessing"]["baked_in"]
+  rng = np.random.default_rng(3)
+  raw = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in
+         ((40, 50), (37, 37), (64, 41))]
+  config = record["preprocessing"]
+  crops = np.stack([input_pipeline.eval_preprocess(
+      image, RESOLUTION, config["crop_pct"], config["mean"], config["std"],
+      normalize=False).numpy() for image in raw])
+  normalised = np.stack([input_pipeline.eval_preprocess(
+      image, RESOLUTION, config["crop_pct"]).numpy() for image in raw])
+  assert crops.dtype == np.uint8
+  expected = stacked(flax_logits(model, params, normalised))
+  logits = reload_in_fresh_processes(
+      tmp_path, [(prefix, r) for r in ("onnxruntime", "openvino", "litert", "jax")], crops)
+  for runtime, value in logits.items():
+    assert relative_error(value, expected) < 1e-4, runtime
+
+
+def test_float16_and_a_fixed_batch(tmp_path):
+  source, model, params = make_source(tmp_path, "poolformer_s12")
+  prefix = str(tmp_path / "m")
+  record = export.export(source, prefix, ("onnx", "openvino", "litert", "jax"), batch=3,
+                         dtype="float16", log=lambda _: None)
+  assert record["input"]["shape"] == [3, RESOLUTION, RESOLUTION, 3]
+  assert record["dtype"] == "float16"
+  float32_size = len(onnx_graph.metaformer_model(
+      params, token_mixer="pooling", head="original", resolution=RESOLUTION)
+      .SerializeToString())
+  assert os.path.getsize(prefix + ".onnx") < 0.6 * float32_size  # float16 weights
+  images = nhwc_images(2)
+  expected = flax_logits(model, params, images)
+  logits = reload_in_fresh_processes(
+      tmp_path, [(prefix, r) for r in ("onnxruntime", "openvino", "litert", "jax")],
+      images, sizes=(3,))
+  for runtime, value in logits.items():
+    error = relative_error(value, expected)
+    assert 1e-6 < error < 1e-2, (runtime, error)  # float16, not float32
+
+
+def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
+  """edge.int8_accuracy: float32 top-1 equals Flax's on the same pipeline images."""
+  source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
+  prefix = str(tmp_path / "m")
+  export.export(source, prefix, ("onnx", "openvino"), int8=True, calibration_count=8,
+                log=lambda _: None)
+  manifest, rows = edge.int8_accuracy(prefix, "synthetic", "test", limit=40)
+  images, labels = edge.evaluation_images(manifest, "synthetic", "test", limit=40)
+  flax_top1 = 100 * np.mean(np.argmax(flax_logits(model, params, images), -1) == labels)
+  assert [r["runtime"] for r in rows] == ["onnxruntime", "openvino"]
+  for row in rows:
+    assert row["images"] == 40
+    assert row["float32_top1"] == pytest.approx(flax_top1)
+    assert 0 <= row["int8_top1"] <= 100 and 0 <= row["agreement"] <= 100
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_export_errors_name_the_problem_and_leave_nothing(tmp_path, monkeypatch, capsys):
+  source, _, _ = make_source(tmp_path, "poolformer_s12")
+  prefix = str(tmp_path / "out" / "m")
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", source, "--dst", prefix, "--format", "onnx,tensorrt"])
+  assert "unknown format(s) ['tensorrt']" in str(failure.value)
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", source, "--dst", prefix, "--fused"])
+  assert "--fused needs a RIFormer" in str(failure.value)
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", str(tmp_path / "nowhere"), "--dst", prefix])
+  assert "nowhere" in str(failure.value) and "manifest.json" in str(failure.value)
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("the converter failed")
+  monkeypatch.setattr(export, "litert_model", broken)
+  with pytest.raises(RuntimeError, match="the converter failed"):
+    export.export(source, prefix, ("onnx", "litert"), log=lambda _: None)
+  assert os.listdir(tmp_path / "out") == []  # no ONNX file without its manifest
+
+
+def test_onnx_needs_a_metaformer_and_the_base_package_needs_no_runtime(tmp_path):
+  source, _, _ = make_source(tmp_path, "convformer_s18")
+  with pytest.raises(export.ExportError, match="convformer_s18; litert, jax and"):
+    export.export(source, str(tmp_path / "c"), ("onnx",), log=lambda _: None)
+  code = ("import sys, riformer_jax, riformer_jax.export, riformer_jax.edge; "
+          "print(sorted({'onnx', 'onnxruntime', 'openvino', 'ai_edge_litert'} & "
+          "{m.split('.')[0] for m in sys.modules}))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ full size
 
 
 @pytest.mark.slow
-def test_exports_reload_without_the_project_and_match(tmp_path):
-  model = riformer_jax.create_model("riformer_s12", **TINY, deploy=True)
-  params = randomize(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"], 1)
-  pretrained.save_pretrained(tmp_path / "deploy", "riformer_s12",
-                             dict(TINY, deploy=True), params)
-  export.main(["--src", str(tmp_path / "deploy"), "--dst", str(tmp_path / "out" / "m"),
-               "--resolution", "32", "--fused"])
-  images = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
-  np.save(tmp_path / "images.npy", images)
-  expected = model.apply({"params": params}, images)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  for artifact in ("m.jax", "m_savedmodel"):
-    result = tmp_path / f"{artifact}.npy"
-    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "out" / artifact),
-                    str(tmp_path / "images.npy"), str(result)],
-                   cwd=tmp_path, env=env, check=True)  # cwd: the project is not importable
-    assert relative_error(np.load(result), expected) < 1e-5, artifact
-    assert relative_error(np.load(str(result) + ".first.npy"), expected[:1]) < 1e-5
+def test_full_riformer_s12_and_poolformer_s12_match_at_224(tmp_path):
+  images = np.random.default_rng(0).standard_normal((3, 224, 224, 3)).astype(np.float32)
+  jobs, expected = [], {}
+  for name, kwargs, fused in (("riformer_s12", {"deploy": True}, True),
+                              ("poolformer_s12", {}, False)):
+    model = riformer_jax.create_model(name, **kwargs)
+    params = randomize(model.init(jax.random.key(0), images[:1])["params"], 4)
+    source = pretrained.save_pretrained(tmp_path / name, name, kwargs, params)
+    prefix = str(tmp_path / f"{name}_out")
+    export.export(source, prefix, ("onnx", "openvino", "litert", "jax"), fused=fused,
+                  log=lambda _: None)
+    expected[prefix] = stacked(flax_logits(model, params, images))
+    jobs += [(prefix, r) for r in ("onnxruntime", "openvino", "litert", "jax")]
+  for (prefix, runtime), value in reload_in_fresh_processes(tmp_path, jobs, images).items():
+    assert relative_error(value, expected[prefix]) < 1e-4, (prefix, runtime)

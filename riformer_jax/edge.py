@@ -1,0 +1,165 @@
+"""Exported artifacts in their runtimes, and int8 against float32 on a data set.
+
+  python -m riformer_jax.edge --artifacts out/student [--dataset synthetic --split test]
+
+prints, for each runtime `riformer_jax.export` wrote PREFIX for, the top-1 of the
+float32 and int8 artifacts on the evaluation split (preprocessed by the project's
+evaluation pipeline as the manifest says) and how often their top-1 agree.
+
+`load(path, runtime, threads)` returns `images -> logits` for one artifact; each
+runtime is imported only when asked for (`bench_edge` runs each in its own process).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+RUNTIMES = ("xla", "onnxruntime", "openvino", "litert")
+# The file each runtime reads, by suffix of PREFIX (PREFIX_int8 for int8).
+SUFFIX = {"xla": ".jax", "onnxruntime": ".onnx", "openvino": ".xml", "litert": ".tflite"}
+
+
+def load(path, runtime, threads=None, precision=None):
+  """`images (numpy) -> logits (numpy)` running `path` in `runtime` on the CPU.
+
+  `precision`: OpenVINO's INFERENCE_PRECISION_HINT, "f32" unless given (its CPU
+  default is bfloat16 where the CPU has bfloat16 units; export.save_openvino)."""
+  if runtime == "onnxruntime":
+    import onnxruntime as ort  # noqa: PLC0415
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # float16 graphs warn about CPU kernels they lack
+    if threads:
+      options.intra_op_num_threads = threads
+      options.inter_op_num_threads = 1
+      # Idle pool threads would otherwise spin after each run, taking a core from
+      # whatever runs next (another runtime in the benchmark).
+      options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})[0]
+  if runtime == "openvino":
+    import openvino as ov  # noqa: PLC0415
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision or "f32"}
+    if threads:
+      config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda images: request.infer({0: images})[compiled.output(0)].copy()
+  if runtime == "litert":
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    interpreter = Interpreter(path, **({"num_threads": threads} if threads else {}))
+    interpreter.allocate_tensors()
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def run(images):
+      if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
+        interpreter.resize_tensor_input(source["index"], images.shape)
+        interpreter.allocate_tensors()
+      interpreter.set_tensor(source["index"], images)
+      interpreter.invoke()
+      return interpreter.get_tensor(target["index"]).copy()
+    return run
+  if runtime == "xla":
+    import jax  # noqa: PLC0415
+    with open(path, "rb") as f:
+      exported = jax.export.deserialize(f.read())
+    call = jax.jit(exported.call)
+    return lambda images: np.asarray(call(images))
+  raise ValueError(f"runtime={runtime!r}: expected one of {RUNTIMES}")
+
+
+def read_manifest(prefix):
+  path = prefix + ".json"
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no export manifest (write one with "
+                            "`python -m riformer_jax.export`)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def evaluation_images(manifest, dataset, split, data_dir=None, limit=None):
+  """`(images as the artifacts take them, labels)` of a whole split."""
+  from riformer_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
+
+  config, layout = manifest["preprocessing"], manifest["input"]["layout"]
+  source = input_pipeline.get_source(dataset, split, data_dir=data_dir)
+  images, labels = [], []
+  for batch in input_pipeline.eval_batches(
+      source, global_batch_size=64, size=config["input_size"][-1],
+      crop_pct=config["crop_pct"] or None, process_index=0, process_count=1,
+      normalize=not config["baked_in"]):
+    images.append(batch["image"][batch["mask"]])
+    labels.append(batch["label"][batch["mask"]])
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  if limit:
+    images, labels = images[:limit], labels[:limit]
+  if layout == "NCHW":
+    images = images.transpose(0, 3, 1, 2)
+  return np.ascontiguousarray(images), labels
+
+
+def predict(run, images, batch):
+  """Argmax of `run` over `images` in chunks of `batch` (the artifact's fixed batch)."""
+  predictions = []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    if len(chunk) < batch:  # a fixed-batch artifact: pad the last chunk
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+    predictions.append(np.argmax(run(chunk), -1)[:len(images) - start])
+  return np.concatenate(predictions)
+
+
+def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limit=None,
+                  threads=None):
+  """Rows `{runtime, float32_top1, int8_top1, agreement, images}` per runtime."""
+  manifest = read_manifest(prefix)
+  images, labels = evaluation_images(manifest, dataset, split, data_dir, limit)
+  batch = manifest["input"]["shape"][0]
+  batch = 32 if batch == "batch" else batch
+  rows = []
+  for runtime in RUNTIMES[1:]:
+    paths = [prefix + suffix + SUFFIX[runtime] for suffix in ("", "_int8")]
+    if not all(os.path.exists(p) for p in paths):
+      continue
+    float32, int8 = (predict(load(p, runtime, threads), images, batch) for p in paths)
+    rows.append({"runtime": runtime, "images": len(labels),
+                 "float32_top1": 100 * float(np.mean(float32 == labels)),
+                 "int8_top1": 100 * float(np.mean(int8 == labels)),
+                 "agreement": 100 * float(np.mean(float32 == int8))})
+  if not rows:
+    raise FileNotFoundError(f"{prefix}: no float32/int8 pair of artifacts (export "
+                            "with --int8)")
+  return manifest, rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--artifacts", required=True, help="the PREFIX export wrote")
+  parser.add_argument("--dataset", default="synthetic")
+  parser.add_argument("--split", default="test")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--limit", type=int, default=None, help="first N images only")
+  parser.add_argument("--json", default=None, help="also write the rows here")
+  args = parser.parse_args(argv)
+  try:
+    manifest, rows = int8_accuracy(args.artifacts, args.dataset, args.split,
+                                   args.data_dir, args.limit)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"edge: {e}")
+  print(f"{manifest['model']} from {manifest['source']}, {args.dataset}/{args.split}, "
+        f"{rows[0]['images']} images")
+  print("| runtime | float32 top-1 | int8 top-1 | change | top-1 agreement |")
+  print("|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['runtime']} | {r['float32_top1']:.2f} | {r['int8_top1']:.2f} | "
+          f"{r['int8_top1'] - r['float32_top1']:+.2f} | {r['agreement']:.2f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"manifest": manifest, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

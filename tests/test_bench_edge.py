@@ -1,0 +1,61 @@
+"""riformer_jax.bench_edge: its table and target ratios; the whole run behind `slow`."""
+
+import json
+
+import pytest
+
+from riformer_jax import bench_edge
+
+
+def row(model, runtime, precision, threads, batch, ms, source="riformer_jax"):
+  return dict(model=model, runtime=runtime, precision=precision, threads=threads,
+              batch=batch, source=source, p50_ms=ms, p90_ms=1.1 * ms,
+              images_per_s=1e3 * batch / ms, calls=5)
+
+
+RESULTS = [
+    row("RIFormer (deploy)", "PyTorch eager", "float32", 1, 1, 60.0, "MMPreTrain"),
+    row("RIFormer (deploy)", "PyTorch compile", "float32", 1, 1, 40.0, "MMPreTrain"),
+    row("RIFormer (deploy)", "PyTorch compile", "float32", 1, 16, 400.0, "MMPreTrain"),
+    row("PoolFormer", "PyTorch eager", "float32", 1, 1, 50.0, "timm"),
+    row("RIFormer (deploy)", "openvino", "float32", 1, 1, 20.0),
+    row("RIFormer (deploy)", "openvino", "float32", 1, 16, 250.0),
+    row("RIFormer (fused)", "onnxruntime", "int8", 1, 1, 10.0),
+    row("RIFormer (deploy)", "onnxruntime", "int8", 1, 1, 12.0),
+    row("PoolFormer", "openvino", "float32", 1, 1, 25.0),
+    row("PoolFormer", "onnxruntime", "float32", 1, 1, 22.0),
+]
+
+
+def test_the_table_compares_each_row_with_the_fastest_pytorch_of_its_model():
+  lines = bench_edge.table(RESULTS).splitlines()
+  openvino = next(line for line in lines
+                  if "| RIFormer (deploy) | riformer_jax | openvino | float32" in line)
+  # 40 ms (torch.compile) over 20 ms; batch 16 at 250 ms is 64 images/s.
+  assert "| 20.0 | 22.0 | 2.00x | 64.0 |" in openvino
+  pool = next(line for line in lines
+              if "| PoolFormer | riformer_jax | openvino | float32" in line)
+  assert "2.00x" in pool  # against timm's PoolFormer (50 ms), not RIFormer's
+
+
+def test_the_targets_name_the_best_artifacts_and_their_ratios():
+  (line,) = bench_edge.targets(RESULTS).splitlines()
+  assert "fastest PyTorch RIFormer 40.0 ms (PyTorch compile)" in line
+  assert "best float32 artifact RIFormer (deploy) in openvino 20.0 ms = 2.00x" in line
+  assert "best int8 RIFormer (fused) in onnxruntime 10.0 ms = 4.00x" in line
+  # PoolFormer in the runtime of the best float32 RIFormer: 25 / 20.
+  assert "PoolFormer in openvino 25.0 ms, RIFormer 1.25x faster" in line
+
+
+@pytest.mark.slow
+def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
+  path = tmp_path / "edge.json"
+  bench_edge.main(["--resolution", "32", "--threads", "1", "--rounds", "1",
+                   "--calls", "1,1", "--large_batch", "2", "--calibration_images", "2",
+                   "--workdir", str(tmp_path / "work"), "--json", str(path)])
+  rows = json.loads(path.read_text())["rows"]
+  runtimes = {(r["runtime"], r["precision"]) for r in rows}
+  assert {("xla", "float32"), ("onnxruntime", "int8"), ("openvino", "int8"),
+          ("litert", "float32"), ("PyTorch compile", "float32")} <= runtimes
+  assert all(r["p50_ms"] > 0 and r["calls"] == 1 for r in rows)
+  assert "best int8" in capsys.readouterr().out
