@@ -15,10 +15,11 @@ default on bfloat16-capable CPUs is bfloat16, timed separately as "bfloat16 hint
 Every runtime at each thread count runs in a process of its own, pinned to that many
 cores (`sched_setaffinity`) and told the same thread count, so that no runtime's
 threads slow another's. The processes wait on a pipe while another is timed: the rows
-of a batch size are interleaved in `--rounds` rounds, each timing every row a few calls
-in turn, so that a change in the machine's load lands on all rows alike (batch 1, then
-batch 16 with fresh processes: all at once overran 24 GiB). Batch 1: median (p50) and
-90th percentile latency over all calls; batch 16: images per second at the median.
+of a batch size and thread count are interleaved in `--rounds` rounds, each timing
+every row a few calls in turn, so that a change in the machine's load lands on all
+rows alike (each such phase with fresh processes: all rows at once overran 24 GiB).
+Batch 1: median (p50) and 90th percentile latency over all calls; batch 16: images
+per second at the median.
 """
 
 import argparse
@@ -159,6 +160,9 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
   for label, name, kwargs in (("RIFormer (deploy)", f"riformer_{size}", {"deploy": True}),
                               ("IdentityFormer", f"identityformer_{size}", {}),
                               ("PoolFormer", f"poolformer_{size}", {})):
+    if os.path.exists(os.path.join(workdir, name, pretrained.MANIFEST)):
+      sources[label] = os.path.join(workdir, name)
+      continue
     module = models.create_model(name, **kwargs)
     params = module.init(jax.random.key(0), np.zeros((1, resolution, resolution, 3),
                                                      np.float32))["params"]
@@ -171,6 +175,9 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
     source = sources["RIFormer (deploy)" if fused else label]
     for batch in batches:
       prefix = os.path.join(workdir, f"{label.split()[0].lower()}{'_fused' * fused}_b{batch}")
+      prefixes[(label, batch)] = prefix
+      if os.path.exists(prefix + ".json"):  # exported by an earlier run (--workdir)
+        continue
       start = time.perf_counter()
       # A process per export: what the converters keep (jax2tf and TFLite graphs,
       # compiled programs) adds up to gigabytes over the eight exports.
@@ -182,7 +189,6 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
       if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
       log(f"exported {label} at batch {batch} ({time.perf_counter() - start:.0f} s)")
-      prefixes[(label, batch)] = prefix
   return prefixes
 
 
@@ -212,8 +218,9 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
   for label, family, library in originals:
     spec = dict(family=family, size=size, resolution=resolution, batch=batch)
     path = os.path.join(workdir, f"torch_{family}_b{batch}.onnx")
-    workers.ask("torch", thread_counts[0], "torch_onnx", spec, path)
-    log(f"torch.onnx exported {library} {label} at batch {batch}")
+    if not os.path.exists(path):
+      workers.ask("torch", thread_counts[0], "torch_onnx", spec, path)
+      log(f"torch.onnx exported {library} {label} at batch {batch}")
     for threads in thread_counts:
       for mode in ("eager", "channels_last", "compile"):
         rows.append((dict(model=label, runtime=f"PyTorch {mode}", precision="float32",
@@ -236,25 +243,29 @@ def measure(size="s12", resolution=224, batches=(1, 16), thread_counts=(1, 2), r
                      "cores")
   workdir = workdir or tempfile.mkdtemp(prefix="bench_edge-")
   prefixes = _export_all(workdir, size, resolution, batches, calibration_images, log)
-  # One phase per batch size, its processes stopped before the next: every row of
-  # both at once (compiled PyTorch, OpenVINO's plans for batch 16) overran 24 GiB.
+  # One phase per batch size and thread count, its processes stopped before the next:
+  # every row at once (compiled PyTorch, OpenVINO's plans for batch 16) overran 24 GiB,
+  # and every comparison the report makes is within one phase.
   rows, samples = [], []
   for batch, per_round in zip(batches, calls):
-    workers = Workers(cores)
-    try:
-      phase = _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, log)
-      for index, (spec, runtime, threads, load) in enumerate(phase):
-        spec["first_call_s"] = workers.ask(runtime, threads, "load", index, load)
-      log(f"batch {batch}: loaded {len(phase)} rows; timing {rounds} rounds")
-      phase_samples = [[] for _ in phase]
-      for round_index in range(rounds):
-        for index, (spec, runtime, threads, _) in enumerate(phase):
-          phase_samples[index] += workers.ask(runtime, threads, "time", index, per_round)
-        log(f"batch {batch}: round {round_index + 1}/{rounds} done")
-    finally:
-      workers.close()
-    rows += phase
-    samples += phase_samples
+    for threads in thread_counts:
+      name = f"batch {batch}, {threads} thread(s)"
+      workers = Workers(cores)
+      try:
+        phase = _rows(prefixes, size, resolution, batch, (threads,), workdir, workers, log)
+        for index, (spec, runtime, _, load) in enumerate(phase):
+          spec["first_call_s"] = workers.ask(runtime, threads, "load", index, load)
+        log(f"{name}: loaded {len(phase)} rows; timing {rounds} rounds")
+        phase_samples = [[] for _ in phase]
+        for round_index in range(rounds):
+          for index, (spec, runtime, _, _) in enumerate(phase):
+            phase_samples[index] += workers.ask(runtime, threads, "time", index,
+                                                per_round)
+          log(f"{name}: round {round_index + 1}/{rounds} done")
+      finally:
+        workers.close()
+      rows += phase
+      samples += phase_samples
   results = []
   for (spec, *_), times in zip(rows, samples):
     times = np.asarray(times)
@@ -363,7 +374,7 @@ def main(argv=None):
   parser.add_argument("--large_batch", type=int, default=16)
   parser.add_argument("--calibration_images", type=int, default=32)
   parser.add_argument("--workdir", default=None, help="where the artifacts go (a temp "
-                      "directory by default)")
+                      "directory by default); those already there are reused")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
   threads = tuple(int(t) for t in args.threads.split(","))

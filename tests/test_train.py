@@ -103,6 +103,12 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   assert final["step"] == 12 and final["student/top1"] == final["deploy/top1"]
   deploy, variables = riformer_jax.load_pretrained(workdir / "deploy")
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
+  # What the evaluation fed the model, for export.py's manifest.
+  config = json.loads((workdir / "config.json").read_text())
+  for model in ("student", "deploy"):
+    manifest = pretrained.read_manifest(workdir / model)
+    assert manifest["preprocessing"] == pretrained.preprocessing_record(
+        32, config["data"]["crop_pct"] or None)
 
 
 def test_a_run_shows_progress_and_writes_tensorboard_and_its_config(straight):
