@@ -80,25 +80,27 @@ def read_manifest(prefix):
     return json.load(f)
 
 
-def evaluation_images(manifest, dataset, split, data_dir=None, limit=None):
-  """`(images as the artifacts take them, labels)` of a whole split."""
+def evaluation_batches(manifest, dataset, split, data_dir=None, limit=None):
+  """`(images as the artifacts take them, labels)` of a split, 64 at a time."""
   from riformer_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
   config, layout = manifest["preprocessing"], manifest["input"]["layout"]
   source = input_pipeline.get_source(dataset, split, data_dir=data_dir)
-  images, labels = [], []
+  seen = 0
   for batch in input_pipeline.eval_batches(
       source, global_batch_size=64, size=config["input_size"][-1],
       crop_pct=config["crop_pct"] or None, process_index=0, process_count=1,
       normalize=not config["baked_in"]):
-    images.append(batch["image"][batch["mask"]])
-    labels.append(batch["label"][batch["mask"]])
-  images, labels = np.concatenate(images), np.concatenate(labels)
-  if limit:
-    images, labels = images[:limit], labels[:limit]
-  if layout == "NCHW":
-    images = images.transpose(0, 3, 1, 2)
-  return np.ascontiguousarray(images), labels
+    images, labels = batch["image"][batch["mask"]], batch["label"][batch["mask"]]
+    if limit:
+      images, labels = images[:limit - seen], labels[:limit - seen]
+    if layout == "NCHW":
+      images = images.transpose(0, 3, 1, 2)
+    if len(labels):
+      yield np.ascontiguousarray(images), labels
+    seen += len(labels)
+    if limit and seen >= limit:
+      return
 
 
 def predict(run, images, batch):
@@ -116,22 +118,28 @@ def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limi
                   threads=None):
   """Rows `{runtime, float32_top1, int8_top1, agreement, images}` per runtime."""
   manifest = read_manifest(prefix)
-  images, labels = evaluation_images(manifest, dataset, split, data_dir, limit)
   batch = manifest["input"]["shape"][0]
   batch = 32 if batch == "batch" else batch
-  rows = []
+  runners = {}
   for runtime in RUNTIMES[1:]:
     paths = [prefix + suffix + SUFFIX[runtime] for suffix in ("", "_int8")]
-    if not all(os.path.exists(p) for p in paths):
-      continue
-    float32, int8 = (predict(load(p, runtime, threads), images, batch) for p in paths)
-    rows.append({"runtime": runtime, "images": len(labels),
-                 "float32_top1": 100 * float(np.mean(float32 == labels)),
-                 "int8_top1": 100 * float(np.mean(int8 == labels)),
-                 "agreement": 100 * float(np.mean(float32 == int8))})
-  if not rows:
+    if all(os.path.exists(p) for p in paths):
+      runners[runtime] = [load(p, runtime, threads) for p in paths]
+  if not runners:
     raise FileNotFoundError(f"{prefix}: no float32/int8 pair of artifacts (export "
                             "with --int8)")
+  counts = {runtime: np.zeros(3, np.int64) for runtime in runners}  # f32, int8, agree
+  total = 0
+  for images, labels in evaluation_batches(manifest, dataset, split, data_dir, limit):
+    total += len(labels)
+    for runtime, (float32_run, int8_run) in runners.items():
+      float32, int8 = predict(float32_run, images, batch), predict(int8_run, images, batch)
+      counts[runtime] += [np.sum(float32 == labels), np.sum(int8 == labels),
+                          np.sum(float32 == int8)]
+  rows = [{"runtime": runtime, "images": total,
+           **dict(zip(("float32_top1", "int8_top1", "agreement"),
+                      (100 * float(c) / total for c in count)))}
+          for runtime, count in counts.items()]
   return manifest, rows
 
 

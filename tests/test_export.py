@@ -252,7 +252,9 @@ def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
   export.export(source, prefix, ("onnx", "openvino"), int8=True, calibration_count=8,
                 log=lambda _: None)
   manifest, rows = edge.int8_accuracy(prefix, "synthetic", "test", limit=40)
-  images, labels = edge.evaluation_images(manifest, "synthetic", "test", limit=40)
+  batches = list(edge.evaluation_batches(manifest, "synthetic", "test", limit=40))
+  images, labels = (np.concatenate(parts) for parts in zip(*batches))
+  assert len(labels) == 40
   flax_top1 = 100 * np.mean(np.argmax(flax_logits(model, params, images), -1) == labels)
   assert [r["runtime"] for r in rows] == ["onnxruntime", "openvino"]
   for row in rows:
