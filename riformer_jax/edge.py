@@ -155,6 +155,9 @@ def main(argv=None):
   try:
     manifest, rows = int8_accuracy(args.artifacts, args.dataset, args.split,
                                    args.data_dir, args.limit)
+  except ImportError as e:
+    sys.exit(f"edge: {e}; the edge runtimes are an optional extra: "
+             "pip install -r requirements-edge.txt")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"edge: {e}")
   print(f"{manifest['model']} from {manifest['source']}, {args.dataset}/{args.split}, "

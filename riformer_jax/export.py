@@ -21,8 +21,9 @@ timm's `pretrained_cfg` does. Files (PREFIX = `--dst`):
 
 The routes, chosen by measurement (BENCHMARKS.md, "Edge, this CPU"):
   ONNX: the graph is built from the params (`riformer_jax.onnx_graph` says why).
-  OpenVINO: read from that ONNX graph by OpenVINO's own converter; an NCHW graph, which
-    OpenVINO runs faster than a traced NHWC one.
+  OpenVINO: that ONNX graph read by OpenVINO's own ONNX front end; it runs as fast as
+    `torch.onnx`'s file of MMPreTrain's RIFormer (NCHW graphs ran 20% faster in
+    OpenVINO than jax2onnx's NHWC trace, issue 17).
   LiteRT: the JAX program lowered to StableHLO (jax2tf) and converted by TensorFlow's
     `TFLiteConverter`, which lowers StableHLO to LiteRT builtins: the model as JAX
     computes it, NHWC as LiteRT's kernels are; a fixed batch gives a much smaller graph.
@@ -376,7 +377,7 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
     os.replace(stage + ".json", prefix + ".json")
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  for name, files in artifact_paths(prefix, formats, int8).items():
+  for files in artifact_paths(prefix, formats, int8).values():
     log(f"wrote {' '.join(files)}")
   log(f"wrote {prefix}.json ({manifest['model']}, input {record['input']['shape']} "
       f"{record['input']['dtype']} {layout})")
@@ -420,7 +421,10 @@ def main(argv=None):
            calibration_dataset=args.calibration_dataset,
            calibration_split=args.calibration_split,
            calibration_count=args.calibration_images, data_dir=args.data_dir)
-  except (ExportError, ValueError, FileNotFoundError, ImportError) as e:
+  except ImportError as e:
+    sys.exit(f"export: {e}; the edge runtimes are an optional extra: "
+             "pip install -r requirements-edge.txt")
+  except (ValueError, FileNotFoundError) as e:  # ExportError is a ValueError
     sys.exit(f"export: {e}")
 
 
