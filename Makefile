@@ -29,11 +29,12 @@ edge: demo
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The default suite (what CI runs), about 18 minutes on 2 cores (19 with the .venv).
+# The default suite (what CI runs), about 16 minutes on 2 cores (17 with a new .venv).
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
-# Also the slow tests: two training processes over loopback, SIGTERM resume, export,
+# Also the slow tests: two training processes over loopback, SIGTERM resume, S12 and
+# PoolFormer-S12 in every edge runtime, a small bench_edge run,
 # roadmap.py on an image folder.
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests -m "slow or not slow"
