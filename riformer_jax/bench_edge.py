@@ -34,33 +34,23 @@ import time
 
 import numpy as np
 
+from riformer_jax import edge  # numpy only: the runtimes load in the workers
+
 _SPEC_FIELDS = ("model", "runtime", "precision", "batch")
 
 
 # ----------------------------------------------------------------- worker processes
 
 
-def _torch_model(family, size, resolution, mode, batch):
-  import torch  # noqa: PLC0415
+def _torch_original(family, size):
+  """MMPreTrain's deploy RIFormer or timm's PoolFormer, 1000 classes."""
   from riformer_jax import bench_torch, models  # noqa: PLC0415
 
-  kwargs = models.model_kwargs(f"riformer_{size}")
   if family == "riformer":
-    module = bench_torch.riformer_deploy(kwargs["depths"], kwargs["dims"], 1000,
-                                         kwargs["layer_scale_init_value"])
-  else:
-    module = bench_torch.timm_poolformer(size, 1000)
-  images = torch.randn(batch, 3, resolution, resolution)
-  if mode in ("channels_last", "compile"):
-    module = module.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
-  if mode == "compile":
-    module = torch.compile(module)
-
-  def forward():
-    with torch.inference_mode():
-      return module(images)
-  return forward, module
+    kwargs = models.model_kwargs(f"riformer_{size}")
+    return bench_torch.riformer_deploy(kwargs["depths"], kwargs["dims"], 1000,
+                                       kwargs["layer_scale_init_value"])
+  return bench_torch.timm_poolformer(size, 1000)
 
 
 def _worker(runtime, cores, connection):
@@ -70,8 +60,6 @@ def _worker(runtime, cores, connection):
   if runtime == "torch":
     import torch  # noqa: PLC0415
     torch.set_num_threads(threads)
-  from riformer_jax import edge  # noqa: PLC0415
-
   thunks = {}
   while True:
     message = connection.recv()
@@ -80,16 +68,20 @@ def _worker(runtime, cores, connection):
         return
       if message[0] == "load":
         _, key, spec = message
-        if runtime == "torch":
-          thunks[key], _ = _torch_model(spec["family"], spec["size"], spec["resolution"],
-                                        spec["mode"], spec["batch"])
+        start = time.perf_counter()
+        if runtime == "torch":  # prepare makes the first call (torch.compile compiles)
+          from riformer_jax import bench_torch  # noqa: PLC0415
+          thunks[key], _, _ = bench_torch.prepare(
+              _torch_original(spec["family"], spec["size"]), spec["batch"],
+              spec["resolution"], "float32",
+              "compile" if spec["mode"] == "compile" else "eager",
+              channels_last=spec["mode"] != "eager")
         else:
           run = edge.load(spec["path"], runtime, threads, spec.get("precision"))
           images = np.random.default_rng(0).standard_normal(spec["shape"]).astype(
               np.float32)
           thunks[key] = lambda run=run, images=images: run(images)
-        start = time.perf_counter()
-        thunks[key]()  # compiles (XLA, torch.compile) or plans (the runtimes)
+          thunks[key]()  # compiles (XLA) or plans (the runtimes)
         first = time.perf_counter() - start
         thunks[key]()
         connection.send(("ok", first))
@@ -104,8 +96,7 @@ def _worker(runtime, cores, connection):
       elif message[0] == "torch_onnx":  # the originals through torch.onnx.export
         import torch  # noqa: PLC0415
         _, spec, path = message
-        _, module = _torch_model(spec["family"], spec["size"], spec["resolution"],
-                                 "eager", spec["batch"])
+        module = _torch_original(spec["family"], spec["size"])
         example = torch.randn(spec["batch"], 3, spec["resolution"], spec["resolution"])
         # The TorchScript exporter: the torch.export one needs onnxscript, which the
         # project does not install.
@@ -194,8 +185,6 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
 
 def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, log):
   """`[(spec dict, runtime, threads, load message)]`: everything to time at `batch`."""
-  from riformer_jax import edge  # noqa: PLC0415
-
   rows = []
   for (label, prefix_batch), prefix in prefixes.items():
     if prefix_batch != batch:
@@ -276,19 +265,6 @@ def measure(size="s12", resolution=224, batches=(1, 16), thread_counts=(1, 2), r
 
 
 # ----------------------------------------------------------------- report
-
-
-def _versions():
-  from importlib import metadata  # noqa: PLC0415
-  names = ("jax", "onnxruntime", "openvino", "ai-edge-litert", "tensorflow-cpu", "torch",
-           "timm", "mmpretrain")
-  versions = {}
-  for name in names:
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      versions[name] = None
-  return versions
 
 
 def _cpu_name():
@@ -393,7 +369,9 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
-                 "versions": _versions(), "args": vars(args), "rows": results}, f,
+                 "versions": edge.package_versions(
+                     ("jax", "onnxruntime", "openvino", "ai-edge-litert",
+                      "tensorflow-cpu", "torch", "timm", "mmpretrain")), "args": vars(args), "rows": results}, f,
                 indent=2)
 
 

@@ -124,18 +124,19 @@ def release():
     torch.cuda.empty_cache()
 
 
-def prepare(module, batch, resolution, dtype, mode):
+def prepare(module, batch, resolution, dtype, mode, channels_last=True):
   """(forward thunk, compile seconds or None, peak bytes of a call or None on CPU).
 
-  channels_last: cuDNN's tensor-core convolutions and oneDNN's CPU ones are NHWC
+  channels_last (the default; False keeps PyTorch's NCHW): cuDNN's tensor-core convolutions and oneDNN's CPU ones are NHWC
   kernels, and in NCHW PyTorch converts layouts around them (timm PoolFormer-S12 on
   2 CPU cores: 25 img/s NCHW, 37.5 channels_last; REFERENCE.md section 4).
   """
   dev = device()
   torch_dtype = DTYPES[dtype]
-  module = module.to(dev, torch_dtype, memory_format=torch.channels_last)
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  module = module.to(dev, torch_dtype, memory_format=memory_format)
   images = torch.randn(batch, 3, resolution, resolution, device=dev, dtype=torch_dtype)
-  images = images.contiguous(memory_format=torch.channels_last)
+  images = images.contiguous(memory_format=memory_format)
   if mode == "compile":
     module = torch.compile(module)
   elif mode != "eager":

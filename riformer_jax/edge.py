@@ -53,11 +53,13 @@ def load(path, runtime, threads=None, precision=None):
     interpreter = Interpreter(path, **({"num_threads": threads} if threads else {}))
     interpreter.allocate_tensors()
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    allocated = [tuple(source["shape"])]  # resized only when the batch changes
 
     def run(images):
-      if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
+      if allocated[0] != images.shape:
         interpreter.resize_tensor_input(source["index"], images.shape)
         interpreter.allocate_tensors()
+        allocated[0] = images.shape
       interpreter.set_tensor(source["index"], images)
       interpreter.invoke()
       return interpreter.get_tensor(target["index"]).copy()
@@ -80,17 +82,29 @@ def read_manifest(prefix):
     return json.load(f)
 
 
-def evaluation_batches(manifest, dataset, split, data_dir=None, limit=None):
-  """`(images as the artifacts take them, labels)` of a split, 64 at a time."""
+def package_versions(names):
+  """`{name: version}` of the installed distributions among `names`."""
+  from importlib import metadata  # noqa: PLC0415
+  versions = {}
+  for name in names:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def pipeline_batches(dataset, split, *, size, crop_pct, layout="NHWC", normalize=True,
+                     data_dir=None, limit=None):
+  """`(images, labels)` of a split through the evaluation pipeline, 64 at a time, in
+  `layout`; uint8 crops with `normalize=False`; the first `limit` images only."""
   from riformer_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
-  config, layout = manifest["preprocessing"], manifest["input"]["layout"]
   source = input_pipeline.get_source(dataset, split, data_dir=data_dir)
   seen = 0
   for batch in input_pipeline.eval_batches(
-      source, global_batch_size=64, size=config["input_size"][-1],
-      crop_pct=config["crop_pct"] or None, process_index=0, process_count=1,
-      normalize=not config["baked_in"]):
+      source, global_batch_size=64, size=size, crop_pct=crop_pct or None,
+      process_index=0, process_count=1, normalize=normalize):
     images, labels = batch["image"][batch["mask"]], batch["label"][batch["mask"]]
     if limit:
       images, labels = images[:limit - seen], labels[:limit - seen]
@@ -101,6 +115,15 @@ def evaluation_batches(manifest, dataset, split, data_dir=None, limit=None):
     seen += len(labels)
     if limit and seen >= limit:
       return
+
+
+def evaluation_batches(manifest, dataset, split, data_dir=None, limit=None):
+  """`(images as the artifacts take them, labels)` of a split, 64 at a time."""
+  config = manifest["preprocessing"]
+  return pipeline_batches(dataset, split, size=config["input_size"][-1],
+                          crop_pct=config["crop_pct"], layout=manifest["input"]["layout"],
+                          normalize=not config["baked_in"], data_dir=data_dir,
+                          limit=limit)
 
 
 def predict(run, images, batch):

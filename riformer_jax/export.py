@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riformer_jax import metaformer, pretrained, surgery
+from riformer_jax import edge, metaformer, pretrained, surgery
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
 # TFLiteConverter's int8 (representative data set) on the StableHLO route wrote files
@@ -81,7 +81,7 @@ def preprocessing(manifest, resolution=None, crop_pct=None):
   config = dict(pretrained.preprocessing_record(), **manifest.get("preprocessing", {}))
   if crop_pct is not None:
     config["crop_pct"] = crop_pct or None  # 0: no resize, only the centre crop
-  size = resolution or config.get("input_size", [3, 224, 224])[-1]
+  size = resolution or config["input_size"][-1]
   config["input_size"] = [3, size, size]
   return config
 
@@ -231,23 +231,13 @@ def calibration_images(dataset, split, count, resolution, crop_pct, layout="NHWC
                        preprocess=False, data_dir=None):
   """`count` evaluation-preprocessed images of `dataset/split`, as the artifact takes
   them (uint8 crops with `preprocess`, else normalised float32)."""
-  from riformer_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
-
-  source = input_pipeline.get_source(dataset, split, data_dir=data_dir)
-  batches, taken = [], 0
-  for batch in input_pipeline.eval_batches(
-      source, global_batch_size=min(count, 64), size=resolution, crop_pct=crop_pct or None,
-      process_index=0, process_count=1, normalize=not preprocess):
-    images = batch["image"][batch["mask"]]
-    batches.append(images)
-    taken += len(images)
-    if taken >= count:
-      break
-  images = np.concatenate(batches)[:count]
+  images = np.concatenate([images for images, _ in edge.pipeline_batches(
+      dataset, split, size=resolution, crop_pct=crop_pct, layout=layout,
+      normalize=not preprocess, data_dir=data_dir, limit=count)])
   if len(images) < count:
     raise ExportError(f"{dataset}/{split} holds {len(images)} images; "
                       f"--calibration_images={count} asks for more")
-  return np.ascontiguousarray(images.transpose(0, 3, 1, 2) if layout == "NCHW" else images)
+  return images
 
 
 def artifact_paths(prefix, formats, int8=False):
@@ -257,18 +247,6 @@ def artifact_paths(prefix, formats, int8=False):
     paths.update({f + "_int8": [prefix + "_int8" + s for s in _FILES[f]]
                   for f in formats if f in INT8_FORMATS})
   return paths
-
-
-def _versions():
-  from importlib import metadata  # noqa: PLC0415
-  versions = {}
-  for package in ("jax", "onnx", "onnxruntime", "openvino", "tensorflow-cpu",
-                  "ai-edge-litert"):
-    try:
-      versions[package] = metadata.version(package)
-    except metadata.PackageNotFoundError:
-      pass
-  return versions
 
 
 def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout="NHWC",
@@ -361,7 +339,8 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
                   f"{calibration_dataset}/{calibration_split}",
                   "calibration_images": len(calibration)} if int8 else None),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "versions": _versions(),
+        "versions": edge.package_versions(("jax", "onnx", "onnxruntime", "openvino",
+                                           "tensorflow-cpu", "ai-edge-litert")),
     }
     with open(stage + ".json", "w") as f:
       json.dump(record, f, indent=2)
