@@ -13,6 +13,7 @@ import re
 import sys
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,15 +106,10 @@ HARMLESS = frozenset({
     "data.num_threads"})
 
 
-def flatten(tree, prefix=""):
+def flatten(tree):
   """`{"a.b": leaf}` of nested dicts; lists become tuples (JSON keeps no tuples)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = _freeze(value)
-  return flat
+  return {key: _freeze(value)
+          for key, value in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def _freeze(value):
