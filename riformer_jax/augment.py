@@ -36,10 +36,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from riformer_jax import pretrained
-
-# ImageNet's channel statistics live in pretrained.py, which models are saved with.
-IMAGENET_MEAN, IMAGENET_STD = pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm fills the uncovered area of geometric operations with the mean colour.
 FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
 

@@ -210,7 +210,8 @@ def _local_checkpointer():
       primary_host=me, active_processes={me}))
 
 
-# ImageNet's channel statistics (here rather than in augment.py, which needs TensorFlow).
+# ImageNet's channel statistics, as augment.IMAGENET_MEAN/STD (not imported from there:
+# reading a model needs no TensorFlow).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
