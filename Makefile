@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo edge roadmap test test-all summary clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-edge.txt requirements-nodeps.txt
+# The package itself goes in editable on top of the lock, for its commands
+# (riformer-predict, riformer-convert ...; pyproject.toml).
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-edge.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 # The paper's idea end to end on the embedded data set: teacher, CE student, distilled

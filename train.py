@@ -28,8 +28,8 @@ import numpy as np
 from ml_collections import config_flags
 
 import riformer_jax
-from riformer_jax import augment, checkpointing, distill, faults, input_pipeline, models
-from riformer_jax import optim, pretrained, reporting, surgery
+from riformer_jax import augment, checkpointing, distill, faults, hub, input_pipeline
+from riformer_jax import models, optim, pretrained, reporting, surgery
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
@@ -62,7 +62,13 @@ def loss_weights(losses, epoch):
 
 def load_model_dir(directory, field, **overrides):
   """`load_pretrained(directory)`, or a `RunError` naming the config field, the
-  directory and what is wrong with it."""
+  directory and what is wrong with it. A hub name or URL is converted once into the
+  cache first (riformer_jax.hub)."""
+  if hub.is_remote(directory):
+    try:
+      directory = pretrained.cached_conversion(directory)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+      raise faults.RunError(f"{field}={directory!r}: {e}") from e
   if not os.path.isfile(os.path.join(directory, pretrained.MANIFEST)):
     raise faults.RunError(
         f"{field}={directory!r}: not a converted model (no {pretrained.MANIFEST}). "
@@ -174,19 +180,21 @@ def evaluate_teachers(teachers, placed, eval_source, config, mesh, reporter):
                             for k, v in results.items()})
 
 
-def save_final_models(workdir, config, state, deploy):
+def save_final_models(workdir, config, state, deploy, class_names):
   params = jax.device_get(state.params)
   kwargs = dict(config.model)
-  # What the evaluation fed the model, for whoever deploys it (export.py's manifest).
-  preprocessing = pretrained.preprocessing_record(config.resolution,
-                                                  config.data.crop_pct or None)
+  # What the evaluation fed the model and what its outputs mean, for whoever deploys
+  # it (export.py's manifest) or classifies with it (riformer_jax.predict).
+  about = {"source": workdir, "preprocessing": pretrained.preprocessing_record(
+      config.resolution, config.data.crop_pct or None)}
+  if class_names:
+    about["class_names"] = list(class_names)
   pretrained.save_pretrained(os.path.join(workdir, "student"), config.model_name,
-                             kwargs, params, overwrite=True, source=workdir,
-                             preprocessing=preprocessing)
+                             kwargs, params, overwrite=True, **about)
   if deploy is not None:
     pretrained.save_pretrained(os.path.join(workdir, "deploy"), config.model_name,
                                dict(kwargs, deploy=True), surgery.reparameterize(params),
-                               overwrite=True, source=workdir, preprocessing=preprocessing)
+                               overwrite=True, **about)
   print(f"done: wrote {os.path.join(workdir, 'student')}"
         f"{' and deploy' if deploy is not None else ''}", flush=True)
 
@@ -329,7 +337,7 @@ def train_and_evaluate(config, workdir, accept_changes=False):
     reporter.evaluation(total_steps, results)
     checkpoints.save_best(total_steps, state, results["student/top1"])
   if jax.process_index() == 0:
-    save_final_models(workdir, config, state, deploy)
+    save_final_models(workdir, config, state, deploy, train_source.class_names)
   if preemption.requested:  # came after the last step: now that all is written, obey it
     signal.raise_signal(signal.SIGTERM)
   return results

@@ -12,7 +12,7 @@ from riformer_jax import models
 # Table 10, "lambda x batch_size" for (L_in', L_out, L_rel). Our losses are means, so
 # the weight of a term is the table value times the reference batch of 1024 (for m48,
 # trained at batch 512, the same product is kept): l1 = 0.1024 puts L_in' on the scale
-# of L_soft, as the paper intends (REFERENCE.md section 3).
+# of L_soft, as the paper intends (docs/reference.md section 3).
 _MI_LAMBDAS = {
     "s12": (1e-4, 1e-3, 1.0),
     "s24": (3e-4, 5e-3, 4.0),

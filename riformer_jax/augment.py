@@ -1,6 +1,6 @@
 """Per-image training augmentation in TensorFlow, with timm's semantics.
 
-The paper trains with DeiT's recipe as timm implements it (REFERENCE.md section 3):
+The paper trains with DeiT's recipe as timm implements it (docs/reference.md section 3):
 random-resized crop (bicubic), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` or
 an AutoAugment policy, normalisation, then random erasing with per-pixel normal
 values. timm runs these on PIL images in PyTorch workers; here they are TensorFlow

@@ -19,11 +19,12 @@ One run measures, side by side on one machine:
 - FLOPs from XLA's cost analysis against the analytic count, and the fractions of the
   device's peak FLOP/s (MFU) and memory bandwidth that each row reaches.
 
-Method (the paper's, REFERENCE.md section 3): warm-up calls, then `--repeats` timings of
-`--iters` calls each, synchronised (`jax.block_until_ready`, `torch.cuda.synchronize`);
-images/s is the batch over the median seconds per call. The rows of a phase take turns
-repeat by repeat, so a change of load on a shared machine hits them all alike and the
-ratios within one run stay comparable even where absolute numbers drift.
+Method (the paper's, docs/reference.md section 3): warm-up calls, then `--repeats`
+timings of `--iters` calls each, synchronised (`jax.block_until_ready`,
+`torch.cuda.synchronize`); images/s is the batch over the median seconds per call. The
+rows of a phase take turns repeat by repeat, so a change of load on a shared machine
+hits them all alike and the ratios within one run stay comparable even where absolute
+numbers drift.
 """
 
 import argparse

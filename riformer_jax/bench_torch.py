@@ -129,7 +129,7 @@ def prepare(module, batch, resolution, dtype, mode, channels_last=True):
 
   channels_last (the default; False keeps PyTorch's NCHW): cuDNN's tensor-core convolutions and oneDNN's CPU ones are NHWC
   kernels, and in NCHW PyTorch converts layouts around them (timm PoolFormer-S12 on
-  2 CPU cores: 25 img/s NCHW, 37.5 channels_last; REFERENCE.md section 4).
+  2 CPU cores: 25 img/s NCHW, 37.5 channels_last; docs/reference.md section 4).
   """
   dev = device()
   torch_dtype = DTYPES[dtype]

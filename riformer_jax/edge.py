@@ -180,7 +180,8 @@ def main(argv=None):
                                    args.data_dir, args.limit)
   except ImportError as e:
     sys.exit(f"edge: {e}; the edge runtimes are an optional extra: "
-             "pip install -r requirements-edge.txt")
+             "pip install \"riformer-jax[edge]\" (in a clone: pip install -r "
+             "requirements-edge.txt)")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"edge: {e}")
   print(f"{manifest['model']} from {manifest['source']}, {args.dataset}/{args.split}, "

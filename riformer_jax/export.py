@@ -4,8 +4,10 @@
       [--format all|onnx,openvino,litert,jax,savedmodel] [--batch 1] [--layout NCHW] \\
       [--dtype float16] [--preprocess] [--fused] [--int8]
 
-`--src` is any directory `load_pretrained` reads. A training-time RIFormer is
-re-parameterised first (the deploy form computes the same function without the mixer).
+`--src` is any directory `load_pretrained` reads, or a timm hub name
+(`hf-hub:timm/poolformer_s12.sail_in1k`, converted once into the cache). A
+training-time RIFormer is re-parameterised first (the deploy form computes the same
+function without the mixer).
 Every artifact takes images `images` (NHWC by default, float32; uint8 RGB with
 `--preprocess`, which bakes `(x / 255 - mean) / std` into the graph) and returns
 float32 `logits`. Next to them `PREFIX.json` records the model, the input and output,
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riformer_jax import edge, metaformer, pretrained, surgery
+from riformer_jax import edge, hub, metaformer, pretrained, surgery
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
 # TFLiteConverter's int8 (representative data set) on the StableHLO route wrote files
@@ -58,7 +60,10 @@ class ExportError(ValueError):
 
 
 def load_for_export(src, fused=False, log=print):
-  """`(module, params, manifest)` ready to export; training-time RIFormer -> deploy form."""
+  """`(module, params, manifest)` ready to export; training-time RIFormer -> deploy form.
+  `src` is a directory, or a hub name or URL converted once into the cache."""
+  if hub.is_remote(src):
+    src = pretrained.cached_conversion(src)
   manifest = pretrained.read_manifest(src)
   module, variables = pretrained.load_pretrained(src)
   params = variables["params"]
@@ -365,7 +370,8 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True, help="a directory load_pretrained reads")
+  parser.add_argument("--src", required=True,
+                      help="a directory load_pretrained reads, or an hf-hub: name")
   parser.add_argument("--dst", required=True, help="output path prefix")
   parser.add_argument("--format", default="all",
                       help=f"'all' or a comma-separated list of {', '.join(FORMATS)}")
@@ -402,7 +408,8 @@ def main(argv=None):
            calibration_count=args.calibration_images, data_dir=args.data_dir)
   except ImportError as e:
     sys.exit(f"export: {e}; the edge runtimes are an optional extra: "
-             "pip install -r requirements-edge.txt")
+             "pip install \"riformer-jax[edge]\" (in a clone: pip install -r "
+             "requirements-edge.txt)")
   except (ValueError, FileNotFoundError) as e:  # ExportError is a ValueError
     sys.exit(f"export: {e}")
 

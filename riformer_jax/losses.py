@@ -1,7 +1,7 @@
 """The training objectives of the RIFormer paper (Sec. 4), as pure functions.
 
 Every loss is a float32 scalar averaged over the batch, so that the weights in a config
-do not depend on the batch size (REFERENCE.md section 3 on Table 10's `lambda x
+do not depend on the batch size (docs/reference.md section 3 on Table 10's `lambda x
 batch_size`: with these mean-reduced terms, `weight = value * global_batch_size`).
 
 - `cross_entropy`: against soft targets (label smoothing, mixup/cutmix already folded in).

@@ -1,6 +1,6 @@
 """Mixup, CutMix and label smoothing as pure JAX functions (timm's batch mode).
 
-The recipe (REFERENCE.md section 3) mixes each batch with mixup (alpha 0.8) or CutMix
+The recipe (docs/reference.md section 3) mixes each batch with mixup (alpha 0.8) or CutMix
 (alpha 1.0), switching between them with probability 0.5, and smooths the labels
 by 0.1. Mixing runs inside the jitted train step, after the batch reaches the
 devices: the step calls `mix_batch` once and feeds the returned array to both the

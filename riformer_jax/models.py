@@ -9,7 +9,7 @@ import dataclasses
 
 from riformer_jax import gfnet, metaformer, metaformer_baselines
 
-# Sizes shared by PoolFormer v1 and RIFormer (REFERENCE.md section 1).
+# Sizes shared by PoolFormer v1 and RIFormer (docs/reference.md section 1).
 _SIZES = {
     "s12": dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), layer_scale_init_value=1e-5),
     "s24": dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), layer_scale_init_value=1e-5),
@@ -23,7 +23,7 @@ _FAMILIES = {
     "poolformer": dict(token_mixer="pooling"),
 }
 
-# timm's MetaFormer baselines (REFERENCE.md section 2): name -> depths, dims.
+# timm's MetaFormer baselines (docs/reference.md section 2): name -> depths, dims.
 _BASELINE_SIZES = {
     "poolformerv2": {
         "s12": ((2, 2, 6, 2), (64, 128, 320, 512)),

@@ -3,7 +3,8 @@
 A converted model is a directory:
 
     DIR/manifest.json   {"model": registry name, "kwargs": create_model overrides,
-                         "format", "source", "sha256", "converted_at", ...}
+                         "format", "source", "sha256", "saved_at", and where known
+                         "preprocessing" (timm's pretrained_cfg terms), "class_names"}
     DIR/variables/      orbax checkpoint of {"params": ...}
 
 `load_pretrained(DIR)` rebuilds the module from the manifest and restores the
@@ -15,7 +16,6 @@ leaves nothing at the destination.
 
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from riformer_jax import counting, metaformer, models
+from riformer_jax import counting, hub, metaformer, models
 from riformer_jax import state_dict as state_dict_lib
 from riformer_jax import surgery
 
@@ -174,14 +174,6 @@ def _reinitialise_classifier(name, kwargs, params, classifier, num_classes, seed
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _atomic_directory(destination, overwrite=False):
   """Yields a fresh temporary directory that replaces `destination` on success."""
@@ -271,13 +263,17 @@ def read_manifest(directory):
   return manifest
 
 
-def load_pretrained(directory, **overrides):
-  """Returns `(module, variables)` from a directory written by `convert.py`/train.py.
+def load_pretrained(directory, *, arch=None, sha256=None, **overrides):
+  """Returns `(module, variables)` from a directory written by `convert.py`/train.py,
+  or from an `hf-hub:` name or URL (converted once into a cache, see `hub`; `arch`
+  names the model where the checkpoint does not, `sha256` checks a URL's download).
 
   `overrides` go to `create_model` on top of the manifest's kwargs; only those that
   do not change the parameters make sense (e.g. `dtype=jnp.bfloat16`,
   `drop_path_rate=0.1`). Ready for `module.apply(variables, images_nhwc, train=False)`.
   """
+  if hub.is_remote(directory):
+    directory = cached_conversion(directory, arch, sha256)
   manifest = read_manifest(directory)
   # JSON turns tuples (depths, dims) into lists; tuples keep the module hashable, so
   # it can be a static argument of jax.jit.
@@ -302,15 +298,57 @@ def load_pretrained(directory, **overrides):
   return model, jax.tree.map(jax.numpy.asarray, restored)
 
 
-def convert_torch_checkpoint(src, dst, name, fmt="auto", num_classes=None, seed=0,
-                             overwrite=False):
-  """PyTorch file -> converted-model directory; returns the manifest written."""
-  state_dict = read_torch_state_dict(src)
+def convert_torch_checkpoint(src, dst, name=None, fmt="auto", num_classes=None, seed=0,
+                             overwrite=False, sha256=None):
+  """PyTorch checkpoint -> converted-model directory; returns the manifest written.
+
+  `src` is a file, an `hf-hub:OWNER/NAME[@revision]` repository or an http(s) URL
+  (riformer_jax.hub; `sha256` checks a URL's download). `name` is the registry name;
+  a timm hub repository says it itself.
+  """
+  fetched = hub.fetch(str(src), sha256) if hub.is_remote(src) else None
+  return _convert(src, fetched, dst, name, fmt, num_classes, seed, overwrite)
+
+
+def _convert(src, fetched, dst, name, fmt="auto", num_classes=None, seed=0,
+             overwrite=False):
+  if fetched is None:
+    path = os.path.abspath(src)
+    metadata = {"source": path}
+  else:
+    if fetched.arch is not None:
+      if name is not None and name != fetched.arch:
+        raise ValueError(f"{src} holds a {fetched.arch}, not a {name} (--arch)")
+      name = fetched.arch
+    path = fetched.path
+    metadata = {"source": fetched.source, "revision": fetched.revision,
+                "preprocessing": fetched.preprocessing, "class_names": fetched.class_names}
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+  if name is None:
+    raise ValueError(f"{src}: the checkpoint does not say which model it holds; pass "
+                     "--arch (e.g. riformer_s12)")
+  state_dict = read_torch_state_dict(path)
   resolved = detect_format(state_dict) if fmt == "auto" else fmt
   kwargs, params = params_from_torch(state_dict, name, resolved, num_classes, seed)
+  if len(metadata.get("class_names", ())) != kwargs["num_classes"]:
+    metadata.pop("class_names", None)  # e.g. a new classifier (--num-classes)
   save_pretrained(dst, name, kwargs, params, overwrite=overwrite, format=resolved,
-                  source=os.path.abspath(src), sha256=_sha256(src))
+                  sha256=hub.sha256_of(path), **metadata)
   return read_manifest(dst)
+
+
+def cached_conversion(source, arch=None, sha256=None):
+  """The directory `source` (hf-hub: name or URL) converts to, converted on first use
+  into RIFORMER_JAX_CACHE/converted and reused afterwards."""
+  fetched = hub.fetch(str(source), sha256)
+  name = arch or fetched.arch
+  if name is None:
+    raise ValueError(f"{source}: the checkpoint does not say which model it holds; "
+                     "pass arch= (e.g. riformer_s12)")
+  directory = os.path.join(hub.cache_dir(), "converted", f"{fetched.cache_key}--{name}")
+  if not os.path.isfile(os.path.join(directory, MANIFEST)):
+    _convert(source, fetched, directory, name, overwrite=True)
+  return directory
 
 
 def export_torch_checkpoint(src, dst, deploy=False, overwrite=False):

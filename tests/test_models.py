@@ -11,7 +11,7 @@ from riformer_jax import counting, metaformer
 from conftest import TINY, randomize, relative_error
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
-# REFERENCE.md section 1 (1000 classes): training-time and deploy parameter counts.
+# docs/reference.md section 1 (1000 classes): training-time and deploy parameter counts.
 PARAMS = {
     "s12": (11_921_832, 11_915_176),
     "s24": (21_402_280, 21_388_968),

@@ -17,7 +17,8 @@ def test_timm_poolformer_with_timm_head():
   torch_model = ref.randomize_(ref.timm_poolformer("s12"), seed=0)
   model, params = ref.load_into_flax(torch_model, "poolformer_s12", "timm", head="timm")
   ref.assert_same_logits(torch_model, model, params, RESOLUTIONS)
-  # The original head on the same weights is a different function (REFERENCE.md 2).
+  # The original head on the same weights is a different function (docs/reference.md
+  # section 2).
   original = riformer_jax.create_model("poolformer_s12")
   images = np.random.default_rng(1).standard_normal((2, 64, 64, 3), dtype=np.float32)
   assert relative_error(original.apply({"params": params}, images),

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import riformer_jax
-from riformer_jax import pretrained
+from riformer_jax import pretrained, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=2",
@@ -109,6 +109,8 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
     manifest = pretrained.read_manifest(workdir / model)
     assert manifest["preprocessing"] == pretrained.preprocessing_record(
         32, config["data"]["crop_pct"] or None)
+    # What the outputs mean, for riformer_jax.predict.
+    assert manifest["class_names"] == list(synthetic.CLASS_NAMES)
 
 
 def test_a_run_shows_progress_and_writes_tensorboard_and_its_config(straight):

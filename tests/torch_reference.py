@@ -14,7 +14,8 @@ def _register_torchvision_ops():
   The only torchvision that accepts torch 2.13.0 is a CUDA build whose C++ ops do not
   load on the CPU wheel, and its import fails while registering fake kernels for
   `torchvision::nms`. Declaring the two op schemas first lets the import finish; the
-  model code used here never calls those ops. Test-only workaround (REFERENCE.md 4).
+  model code used here never calls those ops. Test-only workaround (docs/reference.md
+  section 4).
   """
   try:
     library = torch.library.Library("torchvision", "DEF")
