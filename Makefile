@@ -32,13 +32,15 @@ edge: demo
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The default suite (what CI runs), about 16 minutes on 2 cores (17 with a new .venv).
+# The default suite (what CI runs): 40 minutes on a 2-core 2.6 GHz Intel Xeon (measured
+# 2026-12-02); about 16-18 on the 2-core AMD EPYC machines (15.5 measured before the
+# package and hub tests). A new .venv adds 2-3 minutes.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 # Also the slow tests: two training processes over loopback, SIGTERM resume, S12 and
-# PoolFormer-S12 in every edge runtime, a small bench_edge run,
-# roadmap.py on an image folder.
+# PoolFormer-S12 in every edge runtime, a small bench_edge run, the bfloat16 and
+# per-layer benchmark runs, roadmap.py on an image folder.
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests -m "slow or not slow"
 

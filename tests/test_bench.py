@@ -178,6 +178,7 @@ def test_the_largest_batch_search_stops_at_the_first_failure(monkeypatch):
   assert found["stopped"].startswith("batch 16: RESOURCE_EXHAUSTED")
 
 
+@pytest.mark.slow  # a second benchmark run (the default suite keeps the float32 one)
 def test_bfloat16_rows(tmp_path):
   # The accelerator setting's code path (bf16 compute, float32 params), run on a CPU.
   torch_modes = "eager" if torch_importable() else ""
@@ -197,6 +198,7 @@ def test_bfloat16_rows(tmp_path):
   assert ("jax deploy / fastest torch deploy" in ratios) == bool(torch_modes)
 
 
+@pytest.mark.slow  # torch.compile of every layer: minutes on 2 cores
 @pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
 def test_layer_benchmark_times_the_same_functions_in_both_frameworks(tmp_path):
   from riformer_jax import bench_ops  # noqa: PLC0415 (needs torch)

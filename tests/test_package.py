@@ -20,7 +20,7 @@ EXTRAS_ONLY = ("tensorflow", "tensorflow-cpu", "tensorflow-datasets", "torch", "
 
 # Runs in the fresh environment, from a folder outside the repository.
 USE_THE_PACKAGE = textwrap.dedent("""
-    import os, subprocess, sys
+    import os, shutil, subprocess, sys
     import jax, numpy as np
     import riformer_jax
     from flax import traverse_util
@@ -44,7 +44,8 @@ USE_THE_PACKAGE = textwrap.dedent("""
     assert np.abs(fused_out - out).max() < 1e-4 * np.abs(out).max()
     # A timm-format safetensors file of PoolFormer-S12 through the console scripts.
     pf = riformer_jax.create_model("poolformer_s12", head="timm")
-    pf_params = jax.device_get(jax.jit(pf.init)(jax.random.key(2), images[:1])["params"])
+    shapes = jax.eval_shape(pf.init, jax.random.key(2), images[:1])["params"]
+    pf_params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
     save_file({k: np.ascontiguousarray(v) for k, v in
                state_dict.state_dict_from_params(pf_params, "timm").items()},
               "pf.safetensors")
@@ -67,7 +68,8 @@ USE_THE_PACKAGE = textwrap.dedent("""
     Image.fromarray(pixels).save("x.png")
     shown = run("riformer-predict", "--model", "pf", "x.png")
     assert shown.count("%") == 5, shown
-    assert "riformer_s12" in run("riformer-summary", "riformer_s12", "--resolution", "64")
+    for command in ("riformer-summary", "riformer-edge"):  # installed, not run: slow
+        assert shutil.which(command), command
     for absent in ("tensorflow", "torch", "ml_collections"):
         assert absent not in sys.modules, absent
     try:
