@@ -28,7 +28,7 @@ import numpy as np
 from ml_collections import config_flags
 
 import riformer_jax
-from riformer_jax import augment, checkpointing, distill, faults, hub, input_pipeline
+from riformer_jax import augment, checkpointing, distill, faults, input_pipeline
 from riformer_jax import models, optim, pretrained, reporting, surgery
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
@@ -64,11 +64,10 @@ def load_model_dir(directory, field, **overrides):
   """`load_pretrained(directory)`, or a `RunError` naming the config field, the
   directory and what is wrong with it. A hub name or URL is converted once into the
   cache first (riformer_jax.hub)."""
-  if hub.is_remote(directory):
-    try:
-      directory = pretrained.cached_conversion(directory)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-      raise faults.RunError(f"{field}={directory!r}: {e}") from e
+  try:
+    directory = pretrained.resolve_directory(directory)
+  except (OSError, ValueError, KeyError, ImportError) as e:
+    raise faults.RunError(f"{field}={directory!r}: {e}") from e
   if not os.path.isfile(os.path.join(directory, pretrained.MANIFEST)):
     raise faults.RunError(
         f"{field}={directory!r}: not a converted model (no {pretrained.MANIFEST}). "

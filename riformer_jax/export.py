@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riformer_jax import edge, hub, metaformer, pretrained, surgery
+from riformer_jax import edge, metaformer, pretrained, surgery
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
 # TFLiteConverter's int8 (representative data set) on the StableHLO route wrote files
@@ -62,8 +62,7 @@ class ExportError(ValueError):
 def load_for_export(src, fused=False, log=print):
   """`(module, params, manifest)` ready to export; training-time RIFormer -> deploy form.
   `src` is a directory, or a hub name or URL converted once into the cache."""
-  if hub.is_remote(src):
-    src = pretrained.cached_conversion(src)
+  src = pretrained.resolve_directory(src)
   manifest = pretrained.read_manifest(src)
   module, variables = pretrained.load_pretrained(src)
   params = variables["params"]

@@ -41,6 +41,7 @@ class Fetched:
   preprocessing: dict | None = None
   class_names: list | None = None
   revision: str | None = None    # the hub commit the files come from
+  sha256: str | None = None      # of the file, where the fetch computed it
 
 
 def is_remote(source):
@@ -138,14 +139,11 @@ def _expected_hash(filename, sha256):
   return match.group(1) if match else None
 
 
-def _check(path, url, expected):
-  if expected is None:
-    return
-  got = sha256_of(path)
-  if not got.startswith(expected):
+def _check(digest, url, expected):
+  if expected is not None and not digest.startswith(expected):
     whence = ("" if len(expected) == 64 else
               "... (the hex digits that end the file name; --sha256 overrides them)")
-    raise ValueError(f"{url}: sha256 {got} does not match the expected {expected}"
+    raise ValueError(f"{url}: sha256 {digest} does not match the expected {expected}"
                      f"{whence}; the download is discarded")
 
 
@@ -162,8 +160,9 @@ def _fetch_url(url, sha256=None):
       if os.path.isdir(folder) else []
   if cached:
     path = os.path.join(folder, cached[0])
+    digest = sha256_of(path)
     try:
-      _check(path, url, _expected_hash(cached[0], sha256))  # a cached file may rot
+      _check(digest, url, _expected_hash(cached[0], sha256))  # a cached file may rot
     except ValueError as e:
       print(f"warning: {e}; downloading it again", file=sys.stderr)
       os.remove(path)
@@ -182,7 +181,8 @@ def _fetch_url(url, sha256=None):
           written += len(chunk)
       if size >= 0 and written != size:
         raise OSError(f"{url}: the download stopped after {written} of {size} bytes")
-      _check(partial, url, _expected_hash(filename, sha256))
+      digest = sha256_of(partial)
+      _check(digest, url, _expected_hash(filename, sha256))
       path = os.path.join(folder, filename)
       os.replace(partial, path)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
@@ -195,12 +195,12 @@ def _fetch_url(url, sha256=None):
         os.remove(partial)
       if not os.listdir(folder):
         os.rmdir(folder)
-  digest = sha256_of(path)
   if _expected_hash(os.path.basename(path), sha256) is None:
     print(f"warning: {url}: no sha256 to check against (pass --sha256); "
           f"it downloaded as sha256 {digest}", file=sys.stderr)
   stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(path))
-  return Fetched(path=path, source=url, cache_key=f"url--{stem}--{digest[:16]}")
+  return Fetched(path=path, source=url, cache_key=f"url--{stem}--{digest[:16]}",
+                 sha256=digest)
 
 
 def _file_name(url, announced):

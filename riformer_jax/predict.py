@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from riformer_jax import hub, pretrained
+from riformer_jax import pretrained
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
@@ -92,8 +92,7 @@ def main(argv=None):
   from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
   try:
-    directory = (pretrained.cached_conversion(args.model, args.arch, args.sha256)
-                 if hub.is_remote(args.model) else args.model)
+    directory = pretrained.resolve_directory(args.model, args.arch, args.sha256)
     model, variables = pretrained.load_pretrained(directory)
     manifest = pretrained.read_manifest(directory)
     preprocessing = manifest.get("preprocessing")

@@ -272,8 +272,7 @@ def load_pretrained(directory, *, arch=None, sha256=None, **overrides):
   do not change the parameters make sense (e.g. `dtype=jnp.bfloat16`,
   `drop_path_rate=0.1`). Ready for `module.apply(variables, images_nhwc, train=False)`.
   """
-  if hub.is_remote(directory):
-    directory = cached_conversion(directory, arch, sha256)
+  directory = resolve_directory(directory, arch, sha256)
   manifest = read_manifest(directory)
   # JSON turns tuples (depths, dims) into lists; tuples keep the module hashable, so
   # it can be a static argument of jax.jit.
@@ -332,14 +331,18 @@ def _convert(src, fetched, dst, name, fmt="auto", num_classes=None, seed=0,
   kwargs, params = params_from_torch(state_dict, name, resolved, num_classes, seed)
   if len(metadata.get("class_names", ())) != kwargs["num_classes"]:
     metadata.pop("class_names", None)  # e.g. a new classifier (--num-classes)
+  digest = (fetched and fetched.sha256) or hub.sha256_of(path)
   save_pretrained(dst, name, kwargs, params, overwrite=overwrite, format=resolved,
-                  sha256=hub.sha256_of(path), **metadata)
+                  sha256=digest, **metadata)
   return read_manifest(dst)
 
 
-def cached_conversion(source, arch=None, sha256=None):
-  """The directory `source` (hf-hub: name or URL) converts to, converted on first use
-  into RIFORMER_JAX_CACHE/converted and reused afterwards."""
+def resolve_directory(source, arch=None, sha256=None):
+  """The converted-model directory `source` names: a directory as it is; an hf-hub:
+  name or URL converted on first use into RIFORMER_JAX_CACHE/converted and reused
+  afterwards."""
+  if not hub.is_remote(source):
+    return source
   fetched = hub.fetch(str(source), sha256)
   name = arch or fetched.arch
   if name is None:
