@@ -133,7 +133,8 @@ def make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher
       num_classes=config.model.num_classes, mix=mix,
       temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
       shared_teacher=shared_teacher, accum_steps=config.accum_steps,
-      ema_decay=config.ema_decay, schedule=schedule)
+      ema_decay=config.ema_decay, schedule=schedule,
+      finish=distill.FinishConfig(erase_mode="pixel" if config.aug.re_prob > 0 else None))
 
 
 def eval_functions(config, student, deploy):
@@ -256,9 +257,10 @@ def train_and_evaluate(config, workdir, accept_changes=False):
 
   # The step carries the non-finite watch beside the state (not in checkpoints).
   watch = faults.NonFiniteWatch(WATCHED)
-  def step_fn(state, health, images, labels, weights, rng, logit_teacher, feature_teacher):
+  def step_fn(state, health, images, labels, weights, rng, logit_teacher, feature_teacher,
+              erase_boxes):
     new_state, metrics = distiller.train_step(state, images, labels, weights, rng,
-                                              logit_teacher, feature_teacher)
+                                              logit_teacher, feature_teacher, erase_boxes)
     return new_state, watch.update(health, metrics, new_state.step), metrics
 
   rng, data, replicated = jax.random.key(config.seed), distill.data_sharding(mesh), \
@@ -267,7 +269,8 @@ def train_and_evaluate(config, workdir, accept_changes=False):
       step_fn, donate_argnums=(0, 1),
       in_shardings=(state_shardings, replicated, data, data, None, None,
                     teachers["logit"] and shard(teachers["logit"]),
-                    step_feature_teacher and shard(step_feature_teacher)),
+                    step_feature_teacher and shard(step_feature_teacher),
+                    data if config.data.uint8_batches else None),
       out_shardings=(state_shardings, replicated, None))
   params_finite = jax.jit(faults.all_finite)
   def check_saveable(state, health):  # before any save: the watch, then the params
@@ -286,11 +289,12 @@ def train_and_evaluate(config, workdir, accept_changes=False):
   recipe = augment.TrainAugment(
       size=config.resolution, scale=tuple(config.aug.scale), ratio=tuple(config.aug.ratio),
       hflip=config.aug.hflip, auto_augment=config.aug.auto_augment or None,
-      re_prob=config.aug.re_prob)
+      re_prob=config.aug.re_prob, exact_resize=config.aug.exact_resize,
+      reduced_dct=config.aug.reduced_dct)
   batches = input_pipeline.global_batches(input_pipeline.train_batches(
       train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
       start_step=start, num_steps=total_steps - start,
-      num_threads=config.data.num_threads or None), mesh)
+      num_threads=config.data.num_threads or None, uint8=config.data.uint8_batches), mesh)
   eval_every = config.eval_every_epochs * steps_per_epoch
   profiler = reporting.Profiler(workdir, config.profile_steps)
   preemption = checkpointing.Preemption(checkpoints)
@@ -300,7 +304,7 @@ def train_and_evaluate(config, workdir, accept_changes=False):
       batch = next(batches)
       weights = loss_weights(config.losses, step / steps_per_epoch)
       args = (batch["image"], batch["label"], weights, rng, teachers["logit"],
-              step_feature_teacher)
+              step_feature_teacher, batch.get("erase"))
       if step == start:  # ahead of time, to log how long compiling took
         compile_start = time.perf_counter()
         train_step = train_step.lower(state, health, *args).compile()

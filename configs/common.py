@@ -62,11 +62,16 @@ def riformer_config(size):
       eval_split="validation",
       crop_pct=0.9 if size.startswith("s") else 0.95,  # 0 = no resize before the crop
       num_threads=0,  # tf.data threads per host; 0 = AUTOTUNE
+      # uint8 batches leave the host; normalisation and erasing run in the jitted step
+      # (a quarter of the bytes, ~2 ms less host work per image: docs/data.md).
+      uint8_batches=True,
   ))
   config.aug = ml_collections.ConfigDict(dict(
       auto_augment="rand-m9-mstd0.5-inc1",  # or "original" (AutoAugment) or ""
       re_prob=0.25,
       hflip=0.5,
+      exact_resize=False,  # True: PIL's two resize passes (2x the crop's resize time)
+      reduced_dct=False,  # True: JPEG crops >= 2x the resolution decode at 1/2-1/8 scale
       scale=(0.08, 1.0),  # random-resized crop: area and aspect-ratio ranges
       ratio=(3 / 4, 4 / 3),
       mixup=0.8,

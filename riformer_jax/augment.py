@@ -102,18 +102,23 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0),
   return tf.cond(tf.reduce_any(fits), sampled, fallback)
 
 
-def resize(image, size, method="bicubic"):
+def resize(image, size, method="bicubic", exact=True):
   """Resize to `size` (h, w) as PIL does: Keys cubic (a=-0.5) widened when shrinking.
 
   `antialias=True` is what selects that kernel in TensorFlow for bicubic (without it
-  `tf.image.resize` uses a=-0.75 and never widens it). Like PIL, the width is resized
-  first and the result rounded to uint8 before the height is resized: matching that
-  intermediate rounding brings the output to within a level of PIL's on photos.
-  Returns uint8.
+  `tf.image.resize` uses a=-0.75 and never widens it). With `exact`, like PIL, the
+  width is resized first and the result rounded to uint8 before the height is
+  resized: matching that intermediate rounding brings the output to within a level
+  of PIL's on photos. Without it, one float pass: half the time (TensorFlow's kernel
+  runs both axes in every call), a mean 0.15 level (at most 3) from PIL. Returns uint8.
   """
   size = tf.convert_to_tensor(size, tf.int32)
   x = tf.cast(image, tf.float32)
   shape = tf.shape(x)
+  if not exact:
+    same = (shape[0] == size[0]) & (shape[1] == size[1])
+    return to_uint8(tf.cond(same, lambda: x, lambda: tf.image.resize(
+        x, size, method=method, antialias=True)))
 
   def horizontal():
     out = tf.image.resize(x, tf.stack([shape[0], size[1]]), method=method, antialias=True)
@@ -144,24 +149,18 @@ def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 # ---------------------------------------------------------------- random erasing
 
 
-def random_erasing(seed, image, probability=0.25, min_area=0.02, max_area=1 / 3,
-                   min_aspect=0.3, max_aspect=None, mode="pixel", attempts=10):
-  """timm's RandomErasing (count 1) on one normalised float HWC image.
+def random_erasing_box(seed, height, width, probability=0.25, min_area=0.02,
+                       max_area=1 / 3, min_aspect=0.3, max_aspect=None, attempts=10):
+  """timm's RandomErasing (count 1) box: int32 [top, left, height, width].
 
   With probability `probability`, ten tries of a box of area fraction in
   [min_area, max_area] and log-uniform aspect ratio; the first that fits strictly
-  inside the image is filled with N(0, 1) noise per pixel and channel (`"pixel"`),
-  one normal colour (`"rand"`) or zeros (`"const"`). The values are in normalised
-  units, which is why this runs after `normalize`.
+  inside the image wins. A box of height 0 means nothing is erased.
   """
-  if mode not in ("pixel", "rand", "const"):
-    raise ValueError(f"random erasing mode={mode!r}: expected pixel, rand or const")
   max_aspect = max_aspect or 1 / min_aspect
-  shape = tf.shape(image)
-  height, width, channels = shape[0], shape[1], shape[2]
+  height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
   h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  apply_seed, area_seed, aspect_seed, top_seed, left_seed, value_seed = tf.unstack(
-      split_seed(seed, 6))
+  apply_seed, area_seed, aspect_seed, top_seed, left_seed = tf.unstack(split_seed(seed, 5))
   area = h_f * w_f * _uniform(area_seed, (attempts,), min_area, max_area)
   aspect = tf.exp(_uniform(aspect_seed, (attempts,), math.log(min_aspect),
                            math.log(max_aspect)))
@@ -171,22 +170,47 @@ def random_erasing(seed, image, probability=0.25, min_area=0.02, max_area=1 / 3,
   first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
   apply = (_uniform(apply_seed) < probability) & tf.reduce_any(fits)
 
-  def erase():
+  def box():
     bh, bw = box_h[first], box_w[first]
-    top = _randint(top_seed, 0, height - bh)
-    left = _randint(left_seed, 0, width - bw)
-    rows = tf.range(height)[:, None, None]
-    cols = tf.range(width)[None, :, None]
-    inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    return tf.stack([_randint(top_seed, 0, height - bh), _randint(left_seed, 0, width - bw),
+                     bh, bw])
+
+  return tf.cond(apply, box, lambda: tf.zeros([4], tf.int32))
+
+
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+def random_erasing(seed, image, probability=0.25, min_area=0.02, max_area=1 / 3,
+                   min_aspect=0.3, max_aspect=None, mode="pixel", attempts=10):
+  """timm's RandomErasing (count 1) on one normalised float HWC image.
+
+  The box is `random_erasing_box`'s; it is filled with N(0, 1) noise per pixel and
+  channel (`"pixel"`), one normal colour (`"rand"`) or zeros (`"const"`). The values
+  are in normalised units, which is why this runs after `normalize`
+  (`mixup.finish_batch` does the same on the device, for uint8 batches).
+  """
+  if mode not in ERASE_MODES:
+    raise ValueError(f"random erasing mode={mode!r}: expected pixel, rand or const")
+  box_seed, value_seed = tf.unstack(split_seed(seed, 2))
+  shape = tf.shape(image)
+  top, left, box_h, box_w = tf.unstack(random_erasing_box(
+      box_seed, shape[0], shape[1], probability, min_area, max_area, min_aspect,
+      max_aspect, attempts))
+
+  def erase():
+    rows = tf.range(shape[0])[:, None, None]
+    cols = tf.range(shape[1])[None, :, None]
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
     if mode == "pixel":
       values = tf.random.stateless_normal(shape, value_seed, dtype=image.dtype)
     elif mode == "rand":
-      values = tf.random.stateless_normal([1, 1, channels], value_seed, dtype=image.dtype)
+      values = tf.random.stateless_normal([1, 1, shape[2]], value_seed, dtype=image.dtype)
     else:
-      values = tf.zeros([1, 1, channels], image.dtype)
+      values = tf.zeros([1, 1, shape[2]], image.dtype)
     return tf.where(inside, values, image)
 
-  return tf.cond(apply, erase, lambda: image)
+  return tf.cond(box_h > 0, erase, lambda: image)
 
 
 # ---------------------------------------------------------------- PIL-equivalent ops
@@ -221,17 +245,20 @@ def _histograms(image):
 
 
 def auto_contrast(image, _=None):
-  """ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255]."""
+  """ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255].
+
+  PIL builds a table of `int(level * scale - lo * scale)`; the same expression on
+  the pixels gives the same values without a gather (TensorFlow's gather and
+  select are several times slower than arithmetic on an image).
+  """
   x = tf.cast(image, tf.float32)
   lo = tf.reduce_min(x, axis=[0, 1])
   hi = tf.reduce_max(x, axis=[0, 1])
-  scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  levels = tf.range(256, dtype=tf.float32)[None, :]
+  stretch = hi > lo  # a flat channel is left as it is
+  scale = tf.where(stretch, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+  offset = tf.where(stretch, lo * scale, 0.0)
   # int() in PIL truncates toward zero; negative values then clip to 0.
-  table = tf.cast(tf.clip_by_value(tf.floor(levels * scale[:, None] - lo[:, None] * scale[:, None]),
-                                   0.0, 255.0), tf.int32)
-  table = tf.where((hi > lo)[:, None], table, tf.range(256)[None, :])
-  return _lut(image, table)
+  return tf.cast(tf.clip_by_value(tf.floor(x * scale - offset), 0.0, 255.0), tf.uint8)
 
 
 def equalize(image, _=None):
@@ -263,34 +290,32 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  """Invert the values at or above `threshold`."""
-  threshold = tf.cast(threshold, tf.int32)
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(x < threshold, x, 255 - x), tf.uint8)
+  """Invert the values at or above `threshold` (255 - x is x XOR 255 in uint8)."""
+  at_or_above = tf.cast(image, tf.int32) >= tf.cast(threshold, tf.int32)
+  return tf.bitwise.bitwise_xor(image, tf.cast(at_or_above, tf.uint8) * 255)
 
 
 def solarize_add(image, add, threshold=128):
   """Add `add` to the values below `threshold`, saturating at 255."""
   x = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(x < threshold, tf.minimum(x + tf.cast(add, tf.int32), 255), x),
-                 tf.uint8)
+  below = tf.cast(x < threshold, tf.int32)
+  return tf.cast(x + below * tf.minimum(tf.cast(add, tf.int32), 255 - x), tf.uint8)
 
 
 def color(image, factor):
   """ImageEnhance.Color: blend with the grayscale image."""
-  gray = tf.repeat(_grayscale(image)[..., None], 3, axis=-1)
-  return _blend(gray, image, factor)
+  return _blend(_grayscale(image)[..., None], image, factor)
 
 
 def contrast(image, factor):
   """ImageEnhance.Contrast: blend with the mean gray level (rounded)."""
   mean = tf.floor(tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)) + 0.5)
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+  return _blend(mean, image, factor)
 
 
 def brightness(image, factor):
   """ImageEnhance.Brightness: blend with black."""
-  return _blend(tf.zeros_like(image), image, factor)
+  return _blend(0.0, image, factor)
 
 
 def sharpness(image, factor):
@@ -299,13 +324,10 @@ def sharpness(image, factor):
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   x = tf.cast(image, tf.float32)[None]
   smooth = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")[0]
-  smooth = tf.cast(tf.clip_by_value(tf.round(smooth), 0.0, 255.0), tf.uint8)
-  degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-  shape = tf.shape(image)
-  rows = tf.range(shape[0])[:, None, None]
-  cols = tf.range(shape[1])[None, :, None]
-  border = (rows == 0) | (rows == shape[0] - 1) | (cols == 0) | (cols == shape[1] - 1)
-  degenerate = tf.where(border, image, degenerate)
+  smooth = to_uint8(smooth)
+  # The image's own one-pixel frame around the smoothed interior.
+  middle = tf.concat([image[1:-1, :1], smooth, image[1:-1, -1:]], axis=1)
+  degenerate = tf.concat([image[:1], middle, image[-1:]], axis=0)
   return _blend(degenerate, image, factor)
 
 
@@ -330,11 +352,14 @@ def _affine(image, coefficients, fill=FILL):
       images=tf.cast(image, tf.float32)[None], transforms=transform,
       output_shape=shape[:2], fill_value=0.0, interpolation="BILINEAR",
       fill_mode="NEAREST")[0]
-  ys, xs = tf.meshgrid(tf.range(h_f) + 0.5, tf.range(w_f) + 0.5, indexing="ij")
+  ys = (tf.range(h_f) + 0.5)[:, None]
+  xs = (tf.range(w_f) + 0.5)[None, :]
   x_in = a * xs + b * ys + c
   y_in = d * xs + e * ys + f
   inside = (x_in >= 0) & (x_in < w_f) & (y_in >= 0) & (y_in < h_f)
-  out = tf.where(inside[..., None], warped, tf.constant(fill, tf.float32))
+  # A blend with the 0/1 mask rather than tf.where: select is slow in TensorFlow.
+  inside = tf.cast(inside, tf.float32)[..., None]
+  out = warped * inside + tf.constant(fill, tf.float32) * (1.0 - inside)
   # PIL's bilinear filter truncates its result.
   return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
 
@@ -352,22 +377,59 @@ def rotate(image, degrees, fill=FILL):
   return _affine(image, (a, b, c, d, e, f), fill)
 
 
+def _shift_rows(image, pixels, fill):
+  """`_affine` for a move of row y by `pixels[y]` along x (a scalar: all rows alike).
+
+  Translations and shears sample every row at one fractional offset, so the bilinear
+  sample is a blend of two shifted copies of the row (neighbours clamped at the
+  border like PIL's) and the in-image test is a band per row: a third to a half of
+  the time of the general warp, which computes each output pixel's position.
+  """
+  width = tf.shape(image)[1]
+  pixels = tf.reshape(pixels, [-1, 1])  # [rows or 1, 1]
+  whole = tf.floor(pixels)
+  fraction = (pixels - whole)[..., None]
+  source = tf.range(width)[None, :] + tf.cast(whole, tf.int32)
+  x = tf.cast(image, tf.float32)
+  if pixels.shape[0] == 1:  # one offset: a gather of columns
+    source = source[0]
+    lower = tf.gather(x, tf.clip_by_value(source, 0, width - 1), axis=1)
+    upper = tf.gather(x, tf.clip_by_value(source + 1, 0, width - 1), axis=1)
+  else:
+    lower = tf.gather(x, tf.clip_by_value(source, 0, width - 1), axis=1, batch_dims=1)
+    upper = tf.gather(x, tf.clip_by_value(source + 1, 0, width - 1), axis=1, batch_dims=1)
+  out = lower * (1.0 - fraction) + upper * fraction
+  centre = tf.cast(tf.range(width), tf.float32)[None, :] + 0.5 + pixels
+  inside = tf.cast((centre >= 0) & (centre < tf.cast(width, tf.float32)), tf.float32)
+  inside = inside[..., None]
+  out = out * inside + tf.constant(fill, tf.float32) * (1.0 - inside)
+  return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+
+
+def _transposed(op, image, *args):
+  """`op` along the other axis: y becomes x and back."""
+  return tf.transpose(op(tf.transpose(image, [1, 0, 2]), *args), [1, 0, 2])
+
+
 def shear_x(image, factor, fill=FILL):
-  return _affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+  """`_affine` with (1, factor, 0, 0, 1, 0): row y moves by factor x (y + 1/2)."""
+  rows = tf.cast(tf.range(tf.shape(image)[0]), tf.float32) + 0.5
+  return _shift_rows(image, tf.cast(factor, tf.float32) * rows, fill)
 
 
 def shear_y(image, factor, fill=FILL):
-  return _affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+  """`_affine` with (1, 0, 0, factor, 1, 0)."""
+  return _transposed(shear_x, image, factor, fill)
 
 
 def translate_x_rel(image, fraction, fill=FILL):
-  pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-  return _affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+  """`_affine` with (1, 0, pixels, 0, 1, 0), pixels = fraction x width."""
+  return _shift_rows(image, fraction * tf.cast(tf.shape(image)[1], tf.float32), fill)
 
 
 def translate_y_rel(image, fraction, fill=FILL):
-  pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+  """`_affine` with (1, 0, 0, 0, 1, pixels), pixels = fraction x height."""
+  return _transposed(translate_x_rel, image, fraction, fill)
 
 
 # ---------------------------------------------------------------- magnitudes
@@ -595,21 +657,17 @@ def auto_augment(seed, image, config, fill=FILL):
   image = tf.ensure_shape(image, [None, None, 3])
   if config.kind == "rand":
     seeds = split_seed(seed, 2 * config.num_layers)
-
-    def layer(i, x):
+    # Unrolled layers (each traces the 15 branches) run faster than a tf.while_loop.
+    for i in range(config.num_layers):
       # Chosen uniformly with replacement (timm's np.random.choice, no weights).
       index = tf.random.stateless_uniform((), seeds[2 * i], 0, len(config.ops),
                                           dtype=tf.int32)
       branches = [
-          (lambda name=name: _apply_op(seeds[2 * i + 1], x, name, config.magnitude,
-                                       config.prob, config, fill))
+          (lambda name=name, x=image, i=i: _apply_op(
+              seeds[2 * i + 1], x, name, config.magnitude, config.prob, config, fill))
           for name in config.ops]
-      return i + 1, tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
-
-    # A loop rather than unrolled layers: the 15 branches are traced once.
-    _, image = tf.while_loop(lambda i, _: i < config.num_layers, layer,
-                             (tf.constant(0), image))
-    return tf.ensure_shape(image, [None, None, 3])
+      image = tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
+    return image
   choose_seed, op_seed = tf.unstack(split_seed(seed, 2))
   index = tf.random.stateless_uniform((), choose_seed, 0, len(config.policy), dtype=tf.int32)
 
@@ -636,6 +694,13 @@ class TrainAugment(NamedTuple):
   mean: Sequence[float] = IMAGENET_MEAN
   std: Sequence[float] = IMAGENET_STD
   interpolation: str = "bicubic"
+  # PIL's two resize passes with uint8 rounding between (`resize(exact=True)`):
+  # within a level of timm's crop but twice the cost of one float pass (docs/data.md).
+  exact_resize: bool = False
+  # Decode JPEG crops of at least twice `size` at 1/2, 1/4 or 1/8 scale (libjpeg's
+  # DCT scaling; input_pipeline.decode_image). Off by default: pixels differ a little
+  # from timm's full decode, and ImageNet's ~400x350 images rarely give such crops.
+  reduced_dct: bool = False
 
   def fill(self):
     return tuple(min(255, round(255 * m)) for m in self.mean)
@@ -651,19 +716,28 @@ def no_augment(size: int) -> TrainAugment:
                       auto_augment=None, re_prob=0.0)
 
 
-def augment_cropped(seed, crop, recipe: TrainAugment):
+def augment_cropped(seed, crop, recipe: TrainAugment, uint8=False):
   """Everything after the crop window: resize, flip, RA/AA, normalise, erase.
 
   `crop` is the uint8 HWC region chosen by `random_resized_crop_window` (decoded
   with `tf.image.decode_and_crop_jpeg` for JPEGs, so the rest is never decoded).
-  Returns a float32 [size, size, 3] normalised image.
+  Returns a float32 [size, size, 3] normalised image; with `uint8`, the uint8 image
+  before normalisation and its random-erasing box instead (`random_erasing_box`,
+  the box `random_erasing` would fill), for `mixup.finish_batch` on the device.
   """
   flip_seed, aa_seed, erase_seed = tf.unstack(split_seed(seed, 3))
-  image = resize(crop, [recipe.size, recipe.size], recipe.interpolation)
+  image = resize(crop, [recipe.size, recipe.size], recipe.interpolation,
+                 exact=recipe.exact_resize)
   if recipe.hflip > 0:
     image = random_flip(flip_seed, image, recipe.hflip)
   if recipe.auto_augment:
     image = auto_augment(aa_seed, image, recipe.auto_augment, recipe.fill())
+  if uint8:
+    box = tf.zeros([4], tf.int32)
+    if recipe.re_prob > 0:
+      box = random_erasing_box(split_seed(erase_seed, 2)[0], recipe.size, recipe.size,
+                               recipe.re_prob)
+    return tf.ensure_shape(image, [recipe.size, recipe.size, 3]), box
   image = normalize(image, recipe.mean, recipe.std)
   if recipe.re_prob > 0:
     image = random_erasing(erase_seed, image, recipe.re_prob, mode=recipe.re_mode)

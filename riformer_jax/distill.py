@@ -10,8 +10,10 @@ imitation has ended. Only the student's params are differentiated. Gradient
 accumulation scans over micro-batches inside the step (one optimizer update per call,
 the same update as one large batch of the same size).
 
-Randomness (mixing, dropout, drop path) is `fold_in(seed_key, step)`: a resumed run
-replays exactly the steps an uninterrupted run takes.
+Randomness (mixing, dropout, drop path, erasing noise) is `fold_in(seed_key, step)`:
+a resumed run replays exactly the steps an uninterrupted run takes. A uint8 batch
+(`input_pipeline.train_batches(uint8=True)`) is normalised and erased here first
+(`mixup.finish_batch`), before the mixing, where timm does both per image.
 """
 
 import dataclasses
@@ -27,6 +29,7 @@ from riformer_jax import losses, mixup, optim
 
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 _MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
+_ERASE_STREAM = 0xE5A  # fold_in index of the erasing noise within a step's key
 
 
 @flax.struct.dataclass
@@ -55,6 +58,14 @@ class MixConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinishConfig:
+  """How a uint8 batch becomes the networks' input (`mixup.finish_batch`)."""
+  mean: Sequence[float] = (0.485, 0.456, 0.406)
+  std: Sequence[float] = (0.229, 0.224, 0.225)
+  erase_mode: Optional[str] = "pixel"  # None: the recipe erases nothing
+
+
+@dataclasses.dataclass(frozen=True)
 class Distiller:
   """Everything static about a training run; `train_step`/`eval_step` are pure.
 
@@ -71,6 +82,7 @@ class Distiller:
     accum_steps: micro-batches per update.
     ema_decay: 0 disables the parameter EMA.
     schedule: the learning-rate schedule, for logging.
+    finish: normalisation and erasing of uint8 batches.
   """
 
   student: Any
@@ -83,6 +95,7 @@ class Distiller:
   accum_steps: int = 1
   ema_decay: float = 0.0
   schedule: Optional[Callable[[Any], Any]] = None
+  finish: FinishConfig = FinishConfig()
 
   def init_state(self, params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -145,14 +158,21 @@ class Distiller:
     return total, (terms, correct)
 
   def train_step(self, state, images, labels, weights, rng, logit_teacher=None,
-                 feature_teacher=None):
+                 feature_teacher=None, erase_boxes=None):
     """One optimizer update on a global batch; returns (new state, metrics).
 
     `weights` maps every name in TERMS to a float32 scalar (traced: changing them
     does not recompile). `rng` is the run's base key; the step folds its count in.
+    uint8 `images` are finished first, with `erase_boxes` (int32 [B, 4]).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     mix_rng, dropout_rng = jax.random.split(step_rng)
+    if images.dtype == jnp.uint8:
+      # A key of its own, so that float batches keep their mixing and dropout draws.
+      images = mixup.finish_batch(
+          jax.random.fold_in(step_rng, _ERASE_STREAM), images,
+          jnp.zeros((images.shape[0], 4), jnp.int32) if erase_boxes is None else erase_boxes,
+          self.finish.mean, self.finish.std, self.finish.erase_mode)
     images, targets = self._targets(mix_rng, images, labels)
 
     # Micro-batch k takes rows k, k + A, k + 2A, ...: every device keeps its share of

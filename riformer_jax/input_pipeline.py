@@ -78,21 +78,32 @@ def _is_jpeg(data):
   return tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff"
 
 
-def decode_image(data, window_fn=None):
+def decode_image(data, window_fn=None, min_side=None):
   """Encoded bytes -> uint8 RGB HWC, optionally only the crop `window_fn(h, w)`.
 
   JPEGs decode with the accurate integer DCT (PIL's default, for parity with timm)
   and, when cropping, through `decode_and_crop_jpeg`, which skips the pixels outside
   the window. Grayscale/CMYK JPEGs and gray/palette/alpha PNGs come out as RGB.
+  `min_side`: decode a JPEG crop at the smallest of libjpeg's DCT scales 1/2, 1/4,
+  1/8 that keeps its shorter side at least this long (the window rounded to the
+  scaled grid), so a large crop meant for a small output costs a fraction of its
+  full decode and resize.
   """
 
   def jpeg():
     if window_fn is None:
       return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
     shape = tf.image.extract_jpeg_shape(data)
-    top, left, height, width = window_fn(shape[0], shape[1])
-    return tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
-                                         channels=3, dct_method="INTEGER_ACCURATE")
+    window = window_fn(shape[0], shape[1])
+    if min_side is None:
+      return tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=3,
+                                           dct_method="INTEGER_ACCURATE")
+    shorter = tf.minimum(window[2], window[3])
+    scale_index = tf.reduce_sum(tf.cast(shorter >= min_side * tf.constant([2, 4, 8]),
+                                        tf.int32))
+    return tf.switch_case(scale_index, [
+        lambda ratio=ratio: _decode_scaled(data, shape, window, ratio)
+        for ratio in (1, 2, 4, 8)])
 
   def other():
     image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
@@ -100,6 +111,18 @@ def decode_image(data, window_fn=None):
 
   image = tf.cond(_is_jpeg(data), jpeg, other)
   return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decode_scaled(data, shape, window, ratio):
+  """The window (full-resolution coordinates) of a JPEG decoded at 1/`ratio`."""
+  scaled = (shape[:2] + ratio - 1) // ratio  # libjpeg rounds the scaled size up
+  top, left, height, width = [(v + ratio // 2) // ratio for v in window]
+  top, left = tf.minimum(top, scaled[0] - 1), tf.minimum(left, scaled[1] - 1)
+  height = tf.clip_by_value(height, 1, scaled[0] - top)
+  width = tf.clip_by_value(width, 1, scaled[1] - left)
+  return tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
+                                       channels=3, ratio=ratio,
+                                       dct_method="INTEGER_ACCURATE")
 
 
 def _crop(image, window_fn):
@@ -140,8 +163,8 @@ class Source:
   def lookup(self, index):
     raise NotImplementedError
 
-  def decode(self, payload, window_fn=None):
-    return decode_image(payload, window_fn)
+  def decode(self, payload, window_fn=None, min_side=None):
+    return decode_image(payload, window_fn, min_side)
 
   def describe(self, index) -> str:
     return f"{self.name}/{self.split} example {index}"
@@ -169,7 +192,8 @@ class SyntheticSource(Source):
   def lookup(self, index):
     return tf.gather(self.images, index), tf.gather(self.labels, index)
 
-  def decode(self, payload, window_fn=None):
+  def decode(self, payload, window_fn=None, min_side=None):
+    del min_side  # decoded already
     return _crop(payload, window_fn)
 
 
@@ -285,7 +309,7 @@ class FolderSource(Source):
     return ((tf.gather(self._paths, index), tf.gather(self._pil, index)),
             tf.gather(self._labels, index))
 
-  def decode(self, payload, window_fn=None):
+  def decode(self, payload, window_fn=None, min_side=None):
     path, needs_pil = payload
 
     def with_pil():
@@ -293,7 +317,7 @@ class FolderSource(Source):
       return _crop(tf.ensure_shape(image, [None, None, 3]), window_fn)
 
     return tf.cond(needs_pil, with_pil,
-                   lambda: decode_image(tf.io.read_file(path), window_fn))
+                   lambda: decode_image(tf.io.read_file(path), window_fn, min_side))
 
   def describe(self, index):
     return self.paths[index]
@@ -484,14 +508,17 @@ def steps_per_epoch(source: Source, global_batch_size: int, process_count: int =
   return steps
 
 
-def _preprocess_train(source, payload, label, key, recipe):
+def _preprocess_train(source, payload, label, key, recipe, uint8):
   crop_key, aug_key = tf.unstack(augment.split_seed(key, 2))
 
   def window(height, width):
     return augment.random_resized_crop_window(crop_key, height, width, recipe.scale,
                                               recipe.ratio)
 
-  image = source.decode(payload, window)
+  image = source.decode(payload, window, recipe.size if recipe.reduced_dct else None)
+  if uint8:
+    image, box = augment.augment_cropped(aug_key, image, recipe, uint8=True)
+    return {"image": image, "erase": box, "label": label}
   return {"image": augment.augment_cropped(aug_key, image, recipe), "label": label}
 
 
@@ -499,12 +526,14 @@ def train_dataset(source: Source, *, global_batch_size: int, seed: int,
                   recipe: augment.TrainAugment = augment.TrainAugment(), start_step: int = 0,
                   num_steps: Optional[int] = None, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, num_threads: Optional[int] = None,
-                  prefetch: int = 2) -> tf.data.Dataset:
+                  prefetch: int = 2, uint8: bool = False) -> tf.data.Dataset:
   """This host's training batches from `start_step` on (random-access sources).
 
   Each element is {"image": float32 [B, size, size, 3] normalised, "label": int32
   [B]} with B = global_batch_size / process_count: this host's rows of the global
-  batch. Endless unless `num_steps` is given.
+  batch. Endless unless `num_steps` is given. With `uint8`, "image" is uint8 before
+  normalisation and "erase" int32 [B, 4] the random-erasing boxes, for
+  `mixup.finish_batch` in the jitted step (a quarter of the bytes, less host work).
   """
   if not source.random_access:
     raise ValueError(f"{source.name} is read sequentially; use train_batches()")
@@ -524,7 +553,7 @@ def train_dataset(source: Source, *, global_batch_size: int, seed: int,
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(aug_key, epoch), index)
     payload, label = source.lookup(index)
-    return _preprocess_train(source, payload, label, key, recipe)
+    return _preprocess_train(source, payload, label, key, recipe, uint8)
 
   ds = tf.data.Dataset.range(start_step * host_batch, stop)
   ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -534,7 +563,7 @@ def train_dataset(source: Source, *, global_batch_size: int, seed: int,
 
 def _sequential_train_batches(source, global_batch_size, seed, recipe, start_step,
                               num_steps, process_index, process_count, shuffle_buffer,
-                              num_threads):
+                              num_threads, uint8):
   """TFRecord TFDS: one seeded pass per epoch; resuming skips records undecoded."""
   host_batch = _host_batch(global_batch_size, process_count)
   epoch_steps = steps_per_epoch(source, global_batch_size, process_count)
@@ -552,7 +581,7 @@ def _sequential_train_batches(source, global_batch_size, seed, recipe, start_ste
     def preprocess(position, record, epoch=epoch):
       key = tf.random.experimental.stateless_fold_in(
           tf.random.experimental.stateless_fold_in(aug_key, epoch), position + base)
-      return _preprocess_train(source, record[0], record[1], key, recipe)
+      return _preprocess_train(source, record[0], record[1], key, recipe, uint8)
 
     ds = records.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                                  deterministic=True)
@@ -568,22 +597,23 @@ def train_batches(source: Source, *, global_batch_size: int, seed: int,
                   recipe: augment.TrainAugment = augment.TrainAugment(), start_step: int = 0,
                   num_steps: Optional[int] = None, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, shuffle_buffer: int = 16_384,
-                  num_threads: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+                  num_threads: Optional[int] = None,
+                  uint8: bool = False) -> Iterator[Dict[str, np.ndarray]]:
   """This host's training batches (numpy dicts) from `start_step` on.
 
   Batch s is a function of (seed, s) only; `start_step=k` yields what an
   uninterrupted run yields from step k on. Decoding errors surface as a ValueError
-  that names the file.
+  that names the file. `uint8`: as in `train_dataset`.
   """
   process_index, process_count = _host(process_index, process_count)
   if not source.random_access:
     yield from _sequential_train_batches(
         source, global_batch_size, seed, recipe, start_step, num_steps, process_index,
-        process_count, shuffle_buffer, num_threads)
+        process_count, shuffle_buffer, num_threads, uint8)
     return
   ds = train_dataset(source, global_batch_size=global_batch_size, seed=seed, recipe=recipe,
                      start_step=start_step, num_steps=num_steps, process_index=process_index,
-                     process_count=process_count, num_threads=num_threads)
+                     process_count=process_count, num_threads=num_threads, uint8=uint8)
   step = start_step
   iterator = ds.as_numpy_iterator()
   while True:

@@ -153,14 +153,43 @@ def _smooth_image(shape=(150, 200, 3), seed=0):
 def test_resize_matches_pil_bicubic(size):
   """Up- and down-scaling agree with PIL on a photo-like image.
 
-  Same kernel, same two passes (width first) and the same rounding to uint8 in
-  between; PIL's fixed-point weights move under 1.5% of the pixels, by at most 2.
+  exact: same kernel, same two passes (width first) and the same rounding to uint8
+  in between; PIL's fixed-point weights move under 1.5% of the pixels, by at most 2.
+  One float pass (the training default) skips the intermediate rounding: a few
+  tenths of a level on average, at most 3 levels of 255.
   """
   image = _smooth_image()
   expected = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BICUBIC)).astype(int)
   actual = augment.resize(tf.constant(image), size).numpy().astype(int)
   assert np.abs(actual - expected).max() <= 2
   assert np.abs(actual - expected).mean() < 0.03
+  single = augment.resize(tf.constant(image), size, exact=False).numpy().astype(int)
+  assert np.abs(single - expected).max() <= 3
+  assert np.abs(single - expected).mean() < 0.3
+  if size != image.shape[:2]:
+    assert not np.array_equal(single, actual)  # the two paths really differ
+
+
+def test_the_uint8_path_defers_exactly_normalisation_and_erasing():
+  """augment_cropped(uint8=True) is the float path before its last two steps: the
+  same pixels (normalised alike outside the box) and the box the float path erases."""
+  recipe = augment.TrainAugment(size=40, re_prob=1.0)
+  crop = tf.constant(_noise_image(shape=(50, 70, 3)))
+  for s in range(6):
+    seed = tf.constant([s, 2], tf.int64)
+    host = augment.augment_cropped(seed, crop, recipe).numpy()
+    image, box = augment.augment_cropped(seed, crop, recipe, uint8=True)
+    assert image.dtype == tf.uint8
+    top, left, height, width = box.numpy()
+    assert height > 0 and width > 0
+    inside = np.zeros((40, 40), bool)
+    inside[top:top + height, left:left + width] = True
+    normalised = augment.normalize(image).numpy()
+    np.testing.assert_array_equal(host[~inside], normalised[~inside])
+    assert np.all(np.any(host[inside] != normalised[inside], axis=-1))
+  _, box = augment.augment_cropped(tf.constant([0, 2], tf.int64), crop,
+                                   recipe._replace(re_prob=0.0), uint8=True)
+  assert not np.any(box.numpy())
 
 
 def test_flip():
@@ -170,6 +199,18 @@ def test_flip():
   assert 30 < sum(flipped) < 70
   np.testing.assert_array_equal(
       augment.random_flip(tf.constant([0, 0], tf.int64), image, prob=1.0), image[:, ::-1])
+
+
+def test_random_erasing_fills_the_box_it_draws():
+  image = tf.zeros([64, 48, 3]) + 5.0
+  for s in range(10):
+    seed = tf.constant([s, 3], tf.int64)
+    out = augment.random_erasing(seed, image, probability=1.0).numpy()
+    top, left, height, width = augment.random_erasing_box(
+        augment.split_seed(seed, 2)[0], 64, 48, probability=1.0).numpy()
+    expected = np.zeros((64, 48), bool)
+    expected[top:top + height, left:left + width] = True
+    np.testing.assert_array_equal(np.any(out != 5.0, axis=-1), expected)
 
 
 def test_random_erasing_box_and_values():

@@ -118,17 +118,42 @@ def test_switching_terms_off_skips_them_without_recompiling(setup):
   assert int(state.step) == 3
 
 
-def _run(distiller, params, images, labels, teacher, mesh, steps=2):
+def _run(distiller, params, images, labels, teacher, mesh, steps=2, erase_boxes=None,
+         seed=3):
   data = distill.data_sharding(mesh)
   state = distiller.init_state(jax.tree.map(jnp.copy, params))  # donated below
   state = jax.device_put(state, distill.replicated(mesh))
-  images, labels = jax.device_put((images, labels), data)
+  images, labels, erase_boxes = jax.device_put((images, labels, erase_boxes), data)
   teacher = jax.device_put(teacher, distill.replicated(mesh))
   step = jax.jit(distiller.train_step, donate_argnums=0)
   w = weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
   for _ in range(steps):
-    state, metrics = step(state, images, labels, w, jax.random.key(3), teacher, teacher)
+    state, metrics = step(state, images, labels, w, jax.random.key(seed), teacher, teacher,
+                          erase_boxes)
   return jax.device_get((state, metrics))
+
+
+def test_a_uint8_batch_is_finished_in_the_step(setup):
+  """uint8 images normalised in the step give the float batch's updates; erasing
+  boxes change them."""
+  _, labels, student, params, teacher = setup
+  pixels = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  finish = distill.FinishConfig()
+  host = ((pixels / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
+  mesh = distill.make_mesh()
+  plain = make_distiller(student, finish=distill.FinishConfig(erase_mode=None))
+  reference, _ = _run(plain, params, host, labels, teacher, mesh)
+  finished, _ = _run(plain, params, pixels, labels, teacher, mesh)
+  assert_same_updates(reference, finished, params)
+  boxes = np.tile(np.array([[4, 6, 20, 12]], np.int32), (8, 1))
+  erasing = make_distiller(student)
+  # Same key, so the same mixing and dropout: only the erased boxes differ.
+  erased, _ = _run(erasing, params, pixels, labels, teacher, mesh, erase_boxes=boxes)
+  for a, b in zip(jax.tree.leaves(erased.params), jax.tree.leaves(reference.params)):
+    if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
+      break
+  else:
+    raise AssertionError("erasing boxes left every update unchanged")
 
 
 def test_eight_devices_match_one(setup):

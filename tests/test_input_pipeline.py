@@ -102,6 +102,54 @@ def test_unaugmented_training_batches_are_the_normalised_images(synthetic_train)
   np.testing.assert_array_equal(batch["label"], synthetic_train.labels.numpy()[indices])
 
 
+def test_uint8_batches_defer_normalisation_and_erasing(folder):
+  """uint8=True: the same pixels before normalisation, the boxes the float batches
+  erase, and the same (seed, step) determinism and resume."""
+  train = input_pipeline.get_source("folder", "train", data_dir=folder)
+  recipe = augment.TrainAugment(size=32, re_prob=0.5)
+  run = dict(global_batch_size=6, seed=1, recipe=recipe, num_steps=3)
+  floats = _take(input_pipeline.train_batches(train, **run))
+  uint8 = _take(input_pipeline.train_batches(train, uint8=True, **run))
+  erased = 0
+  for f, u in zip(floats, uint8):
+    assert u["image"].dtype == np.uint8 and u["erase"].shape == (6, 4)
+    np.testing.assert_array_equal(f["label"], u["label"])
+    normalised = augment.normalize(u["image"]).numpy()
+    for row, (top, left, height, width) in enumerate(u["erase"]):
+      inside = np.zeros((32, 32), bool)
+      inside[top:top + height, left:left + width] = True
+      np.testing.assert_array_equal(f["image"][row][~inside], normalised[row][~inside])
+      assert np.all(np.any(f["image"][row][inside] != normalised[row][inside], -1))
+      erased += height > 0
+  assert 0 < erased < 18  # p = 0.5 over 18 images
+  resumed = _take(input_pipeline.train_batches(
+      train, uint8=True, start_step=2, **dict(run, num_steps=1)))
+  for key in ("image", "erase", "label"):
+    np.testing.assert_array_equal(resumed[0][key], uint8[2][key])
+
+
+def test_large_jpeg_crops_decode_at_a_reduced_dct_scale():
+  """min_side: the window of the 1/2-scale decode, and a resized crop close to the
+  full-resolution one (the scaled IDCT is a slightly different low-pass)."""
+  image = _photo(760, 1000, 5)
+  data = tf.constant(_jpeg_bytes(image))
+  half = tf.io.decode_jpeg(data, channels=3, ratio=2, dct_method="INTEGER_ACCURATE")
+  window = lambda h, w: (tf.constant(100), tf.constant(200), tf.constant(600),  # noqa: E731
+                         tf.constant(700))
+  scaled = input_pipeline.decode_image(data, window, min_side=224).numpy()
+  np.testing.assert_array_equal(scaled, half[50:350, 100:450])
+  full = input_pipeline.decode_image(data, window).numpy()
+  assert full.shape == (600, 700, 3)
+  np.testing.assert_array_equal(input_pipeline.decode_image(data, window, min_side=400),
+                                full)  # 600 < 2 x 400: full scale
+  quarter = input_pipeline.decode_image(data, window, min_side=100).numpy()
+  assert quarter.shape == (150, 175, 3)
+  resized = [augment.resize(x, [112, 112]).numpy().astype(int) for x in (full, scaled, quarter)]
+  for other in resized[1:]:
+    assert np.abs(other - resized[0]).mean() < 1.5
+  assert not np.array_equal(resized[1], resized[0])
+
+
 def test_each_epoch_is_a_permutation(synthetic_train):
   epoch = [input_pipeline.train_indices(synthetic_train, 20, seed=1, step=s) for s in range(3)]
   assert sorted(np.concatenate(epoch)) == list(range(60))

@@ -192,3 +192,29 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
       assert all(float(control[t]) > 1e-4 for t in ("soft_kd", "mi_in", "mi_out",
                                                     "mi_rel")), control
       assert float(control["hard_kd"]) > float(same["hard_kd"]) * (1 + 1e-3), control
+
+
+def test_finish_batch_normalises_and_erases_the_given_boxes():
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+  boxes = np.array([[5, 7, 30, 20], [0, 0, 0, 0], [39, 47, 1, 1]], np.int32)
+  normalised = (images / 255.0 - np.array(mean)) / np.array(std)
+  finish = jax.jit(mixup.finish_batch, static_argnums=(3, 4, 5))
+  out = np.asarray(finish(jax.random.key(0), images, boxes, mean, std, "pixel"))
+  inside = np.zeros(images.shape[:3], bool)
+  inside[0, 5:35, 7:27] = inside[2, 39, 47] = True
+  np.testing.assert_allclose(out[~inside], normalised[~inside], rtol=1e-6, atol=1e-6)
+  erased = out[0, 5:35, 7:27]
+  assert np.all(np.abs(erased - normalised[0, 5:35, 7:27]) > 1e-6)
+  assert abs(erased.mean()) < 0.15 and 0.85 < erased.std() < 1.15  # N(0, 1) noise
+  np.testing.assert_array_equal(out, finish(jax.random.key(0), images, boxes, mean, std,
+                                            "pixel"))
+  assert not np.array_equal(out, finish(jax.random.key(1), images, boxes, mean, std, "pixel"))
+  colour = np.asarray(finish(jax.random.key(0), images, boxes, mean, std, "rand"))[0, 5:35, 7:27]
+  assert np.ptp(colour.reshape(-1, 3), axis=0).max() == 0 and np.any(colour != 0)
+  const = np.asarray(finish(jax.random.key(0), images, boxes, mean, std, "const"))
+  assert np.all(const[inside] == 0)
+  plain = np.asarray(finish(jax.random.key(0), images, boxes, mean, std, None))
+  np.testing.assert_allclose(plain, normalised, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="erasing mode='box'"):
+    mixup.finish_batch(jax.random.key(0), images, boxes, mean, std, "box")

@@ -1,0 +1,35 @@
+"""The input benchmark runs both sides on the same files and reports their ratio."""
+
+import json
+import math
+
+import numpy as np
+
+import torch_reference  # noqa: F401  (makes timm importable)
+from riformer_jax import augment, bench_input
+
+
+def test_ours_next_to_timm_in_one_run(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench_input.main(["--cores", "1", "--seconds", "0.3", "--rounds", "2", "--images", "6",
+                    "--batch-size", "4", "--size", "64", "--rows", "4", "6",
+                    "--json", str(out)])
+  table = capsys.readouterr().out
+  assert "| pipeline | cores | ours img/s | timm img/s | ours / timm |" in table
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["row"] for r in rows] == [bench_input.ROWS[3][0], bench_input.ROWS[5][0]]
+  for row in rows:
+    assert row["cores"] == 1 and len(row["ours_rounds"]) == len(row["timm_rounds"]) == 2
+    assert row["ours"] > 0 and row["timm"] > 0
+    assert math.isclose(row["ratio"], row["ours"] / row["timm"])
+    assert row["row"] in table
+
+
+def test_breakdown_times_every_stage(tmp_path):
+  bench_input.write_jpegs(str(tmp_path), 6)
+  stages = dict(bench_input.breakdown(str(tmp_path), size=64, repeats=3))
+  for name in augment.RAND_INCREASING_OPS:
+    assert f"  RandAugment op {name} (applied, m = 9)" in stages
+  assert all(np.isfinite(ms) and ms >= 0 for ms in stages.values())
+  decode = stages["draw the crop window + decode only the window"]
+  assert decode > 0 and stages["resize the crop to 64, one float pass (default)"] > 0
