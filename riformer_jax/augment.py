@@ -181,6 +181,11 @@ def random_erasing_box(seed, height, width, probability=0.25, min_area=0.02,
 ERASE_MODES = ("pixel", "rand", "const")
 
 
+def _erasing_seeds(seed):
+  """(box seed, value seed): the uint8 path draws the box the float path fills."""
+  return tf.unstack(split_seed(seed, 2))
+
+
 def random_erasing(seed, image, probability=0.25, min_area=0.02, max_area=1 / 3,
                    min_aspect=0.3, max_aspect=None, mode="pixel", attempts=10):
   """timm's RandomErasing (count 1) on one normalised float HWC image.
@@ -192,7 +197,7 @@ def random_erasing(seed, image, probability=0.25, min_area=0.02, max_area=1 / 3,
   """
   if mode not in ERASE_MODES:
     raise ValueError(f"random erasing mode={mode!r}: expected pixel, rand or const")
-  box_seed, value_seed = tf.unstack(split_seed(seed, 2))
+  box_seed, value_seed = _erasing_seeds(seed)
   shape = tf.shape(image)
   top, left, box_h, box_w = tf.unstack(random_erasing_box(
       box_seed, shape[0], shape[1], probability, min_area, max_area, min_aspect,
@@ -735,7 +740,7 @@ def augment_cropped(seed, crop, recipe: TrainAugment, uint8=False):
   if uint8:
     box = tf.zeros([4], tf.int32)
     if recipe.re_prob > 0:
-      box = random_erasing_box(split_seed(erase_seed, 2)[0], recipe.size, recipe.size,
+      box = random_erasing_box(_erasing_seeds(erase_seed)[0], recipe.size, recipe.size,
                                recipe.re_prob)
     return tf.ensure_shape(image, [recipe.size, recipe.size, 3]), box
   image = normalize(image, recipe.mean, recipe.std)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from riformer_jax import losses, mixup, optim
+from riformer_jax import losses, mixup, optim, pretrained
 
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 _MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
@@ -60,8 +60,8 @@ class MixConfig:
 @dataclasses.dataclass(frozen=True)
 class FinishConfig:
   """How a uint8 batch becomes the networks' input (`mixup.finish_batch`)."""
-  mean: Sequence[float] = (0.485, 0.456, 0.406)
-  std: Sequence[float] = (0.229, 0.224, 0.225)
+  mean: Sequence[float] = pretrained.IMAGENET_MEAN
+  std: Sequence[float] = pretrained.IMAGENET_STD
   erase_mode: Optional[str] = "pixel"  # None: the recipe erases nothing
 
 
