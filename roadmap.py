@@ -3,13 +3,16 @@
   python roadmap.py --workdir=runs/roadmap --seeds=0,1,2            # embedded set
   python roadmap.py --workdir=runs/roadmap_folder --dataset=folder \\
       --data_dir=/data/my_images --num_classes=37 --resolution=96   # any image folder
+  python roadmap.py --workdir=runs/mi_reading/per_batch --rows=mi_f80_r20_l4_init \\
+      --teacher=runs/roadmap/teacher/student --set distill.mi_reading=per_batch
 
 Trains the PoolFormer teacher once (configs/demo.py:teacher, seed 0, the demo's
-teacher) unless --teacher names one, then every row of configs/roadmap_small.py for
-every seed, each in WORKDIR/ROW/seed_S (a train.py workdir: finished runs are reused,
-interrupted ones resume). Writes WORKDIR/results.json and WORKDIR/results.md: test
-top-1 per seed, mean and sample standard deviation, the paper's ImageNet figure, and
-the training time.
+teacher) unless --teacher names one, then every row of configs/roadmap_small.py, with
+--set's overrides, for every seed, each in WORKDIR/ROW/seed_S (a train.py workdir:
+finished runs are reused, interrupted ones resume). Writes WORKDIR/results.json and WORKDIR/results.md: test
+top-1 per seed, mean and sample standard deviation, the paper's ImageNet figure, the
+training time, and for rows with module imitation each weighted term against L_soft
+at the start and the end of its window.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import numpy as np
 
 from configs import demo as demo_configs
 from configs import roadmap_small
-from riformer_jax import faults, pretrained
+from riformer_jax import distill, faults, pretrained
 import train
 
 # (row, what it tests, the paper's ImageNet top-1 for RIFormer-S12 at 120 epochs).
@@ -66,18 +69,46 @@ def parse_args(argv=None):
   parser.add_argument("--epochs", type=int, default=roadmap_small.EPOCHS,
                       help="epochs of every row's run (loss windows scale with it); "
                            "the teacher trains for the demo's 8")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a config override for every row, as train.py's "
+                           "--config.FIELD=VALUE (e.g. distill.mi_reading=value); "
+                           "repeatable")
   args = parser.parse_args(argv)
   args.seeds = [int(seed) for seed in args.seeds.split(",")]
   args.rows = args.rows.split(",")
   unknown = set(args.rows) - {row for row, _, _ in ROWS}
   if unknown:
     parser.error(f"--rows: unknown {sorted(unknown)}; see configs/roadmap.py")
+  args.set = [parse_override(parser, setting) for setting in args.set]
   return args
 
 
-def with_data(config, args, epochs):
-  """The command line's data set and size, and `epochs`, in place; returns the
-  train.py overrides that make the same config."""
+def parse_override(parser, setting):
+  """`FIELD=VALUE` -> (path, value), the value of the type the field has."""
+  path, sep, text = setting.partition("=")
+  node = roadmap_small.get_config("affine_soft")
+  *parents, field = path.split(".")
+  try:
+    for parent in parents:
+      node = node[parent]
+    current = node[field]
+  except (KeyError, AttributeError, TypeError):
+    parser.error(f"--set {setting!r}: no config field {path!r}")
+  if not sep or isinstance(current, (tuple, list, dict)) or current is None:
+    parser.error(f"--set {setting!r}: expected FIELD=VALUE for a scalar field")
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+      return path, text.lower() == "true"
+    return path, type(current)(text)
+  except ValueError:
+    parser.error(f"--set {setting!r}: expected {type(current).__name__}, got {text!r}")
+
+
+def with_data(config, args, epochs, settings=()):
+  """The command line's data set and size, `epochs` and `settings` (--set), in place;
+  returns the train.py overrides that make the same config."""
   changes = {"data.dataset": args.dataset, "data.data_dir": args.data_dir,
              "data.train_split": args.train_split, "data.eval_split": args.eval_split,
              "model.num_classes": args.num_classes, "resolution": args.resolution,
@@ -85,6 +116,7 @@ def with_data(config, args, epochs):
   for name, term in config.losses.items():
     if term.weight and term.end_epoch > 0:
       changes[f"losses.{name}.end_epoch"] = term.end_epoch * epochs / config.epochs
+  changes.update(settings)
   overrides = []
   for path, value in changes.items():
     *parents, field = path.split(".")
@@ -118,6 +150,24 @@ def run(config, workdir, command):
   return final
 
 
+def term_sizes(config, workdir):
+  """Each module-imitation term's weighted size against L_soft at the first and the
+  last logged step of its window: {term: (weight, start ratio, end ratio)}."""
+  sizes = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for record in records:
+    if "loss/soft_kd" not in record or not record["loss/soft_kd"]:
+      continue
+    weights = train.loss_weights(config, record["epoch"])
+    for name in distill.MI_TERMS:
+      if weights[name]:
+        ratio = float(weights[name]) * record[f"loss/{name}"] / record["loss/soft_kd"]
+        weight, start, _ = sizes.get(name, (float(weights[name]), ratio, None))
+        sizes[name] = (weight, start, ratio)
+  return sizes
+
+
 def markdown(results, teacher_top1, args):
   minutes = sum(r["seconds"] for runs in results.values() for r in runs) / 60
   lines = [
@@ -137,6 +187,22 @@ def markdown(results, teacher_top1, args):
     lines.append(f"| `{row}` | {what} | {top1.mean():.1f}{spread} | "
                  f"{', '.join(f'{t:.1f}' for t in top1)} | "
                  f"{'' if paper is None else paper} | {minutes:.1f} |")
+  terms = [(row, name) for row, _, _ in ROWS if row in results
+           for name in distill.MI_TERMS if name in results[row][0]["terms"]]
+  if terms:
+    lines += [
+        "",
+        "Module-imitation terms, weighted, against L_soft at the first and the last "
+        "logged step of each term's window (mean over seeds, min-max):",
+        "",
+        "| row | term | weight | start | end |",
+        "|---|---|---:|---:|---:|"]
+    for row, name in terms:
+      sizes = np.array([r["terms"][name][1:] for r in results[row]])
+      start, end = (f"{col.mean():.3g} ({col.min():.3g}-{col.max():.3g})"
+                    for col in sizes.T)
+      lines.append(f"| `{row}` | {name} | {results[row][0]['terms'][name][0]:.4g} | "
+                   f"{start} | {end} |")
   return "\n".join(lines) + "\n"
 
 
@@ -152,6 +218,10 @@ def main(argv=None):
   if teacher:
     pretrained.read_manifest(teacher)  # fails early, naming the directory
     teacher_top1 = float("nan")
+    finished = os.path.join(os.path.dirname(os.path.normpath(teacher)), "final.json")
+    if os.path.isfile(finished):  # a train.py workdir's student/
+      with open(finished) as f:
+        teacher_top1 = json.load(f)["student/top1"]
   else:
     config = demo_configs.get_config("teacher")
     workdir = os.path.join(args.workdir, "teacher")
@@ -165,7 +235,7 @@ def main(argv=None):
   for row in args.rows:
     for seed in args.seeds:
       config = roadmap_small.get_config(row)
-      overrides = with_data(config, args, args.epochs)
+      overrides = with_data(config, args, args.epochs, args.set)
       config.seed = seed
       config.teachers.logit = config.teachers.feature = teacher
       workdir = os.path.join(args.workdir, row, f"seed_{seed}")
@@ -173,7 +243,8 @@ def main(argv=None):
                  f"--workdir={workdir} --config.seed={seed} "
                  f"--config.teachers.logit={teacher} --config.teachers.feature={teacher} "
                  + " ".join(overrides))
-      results.setdefault(row, []).append(run(config, workdir, command))
+      final = dict(run(config, workdir, command), terms=term_sizes(config, workdir))
+      results.setdefault(row, []).append(final)
 
   table = markdown(results, teacher_top1, args)
   print("\n" + table, flush=True)

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 import riformer_jax
 from riformer_jax import augment, checkpointing, distill, faults, input_pipeline
-from riformer_jax import models, optim, pretrained, reporting, surgery
+from riformer_jax import losses, models, optim, pretrained, reporting, surgery
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
@@ -49,14 +49,19 @@ FLAGS = flags.FLAGS
 WATCHED = tuple(f"loss/{t}" for t in ("total",) + distill.TERMS) + ("grad_norm",)
 
 
-def loss_weights(losses, epoch):
+def loss_weights(config, epoch):
   """Each term's weight at (fractional) `epoch`, 0 outside its window (traced, never
-  recompiles)."""
+  recompiles). Module-imitation terms are Table 10's values under
+  config.distill.mi_reading."""
   weights = {}
   for name in distill.TERMS:
-    term = losses[name]
+    term = config.losses[name]
+    weight = term.weight
+    if name in distill.MI_TERMS:
+      weight = losses.module_imitation_weight(weight, config.distill.mi_reading,
+                                              config.distill.mi_batch)
     active = term.start_epoch <= epoch and (term.end_epoch < 0 or epoch < term.end_epoch)
-    weights[name] = np.float32(term.weight if active else 0.0)
+    weights[name] = np.float32(weight if active else 0.0)
   return weights
 
 
@@ -225,6 +230,16 @@ def train_and_evaluate(config, workdir, accept_changes=False):
         seed=config.data.seed, class_names=getattr(train_source, "class_names", None))
   except FileNotFoundError as e:  # the message says how to obtain the data
     raise faults.RunError(f"config.data: {e}") from e
+  try:
+    mi_weights = {name: losses.module_imitation_weight(
+        config.losses[name].weight, config.distill.mi_reading, config.distill.mi_batch)
+                  for name in distill.MI_TERMS}
+  except ValueError as e:  # names the config field
+    raise faults.RunError(str(e)) from e
+  if any(mi_weights.values()):
+    print(f"module imitation: Table 10's values read as {config.distill.mi_reading!r} "
+          f"(batch {config.distill.mi_batch}) -> weights "
+          + ", ".join(f"{name} {w:.4g}" for name, w in mi_weights.items()), flush=True)
   teachers = load_teachers(config)
   shared_teacher = teachers["logit"] is not None and teachers["logit"] is teachers["feature"]
 
@@ -302,7 +317,7 @@ def train_and_evaluate(config, workdir, accept_changes=False):
       contextlib.closing(checkpoints):  # closing waits for saves in flight
     for step in range(start, total_steps):
       batch = next(batches)
-      weights = loss_weights(config.losses, step / steps_per_epoch)
+      weights = loss_weights(config, step / steps_per_epoch)
       args = (batch["image"], batch["label"], weights, rng, teachers["logit"],
               step_feature_teacher, batch.get("erase"))
       if step == start:  # ahead of time, to log how long compiling took

@@ -12,7 +12,7 @@ ROLE:
   distilled  the same RIFormer trained the paper's way: initialised from the teacher
              (Guideline 5), soft KD without labels (Guideline 1) and module imitation
              (L_in', L_out for the first 2/3 of training, L_rel for the first 1/6,
-             with weights scaled to this model: scale_module_imitation)
+             Table 10's S12 weights under configs/common.py's reading)
 
 Same recipe as configs/s12.py, scaled to a 2-core CPU: the 96 px embedded set,
 depths (2, 2, 4, 2), no augmentation (flips and rotations change this set's classes,
@@ -24,7 +24,6 @@ from configs import common
 
 ROLES = ("teacher", "ce", "distilled")
 DEPTHS = (2, 2, 4, 2)
-MI_WEIGHTS = {"mi_in": 0.1024, "mi_out": 0.1, "mi_rel": 1.0}
 
 
 def embedded_recipe(config, epochs=8):
@@ -57,20 +56,6 @@ def embedded_recipe(config, epochs=8):
   return config
 
 
-def scale_module_imitation(config):
-  """Module-imitation weights for this scale, in place (terms that are on only).
-
-  Table 10's weights (configs/common.py) overwhelm soft KD here: at the start L_rel
-  alone weighed several hundred times the soft-KD loss, and the student ended at
-  38.9% against 48.0% for cross-entropy (seed 0). These keep each term at most about
-  the size of L_soft (docs/roadmap.md).
-  """
-  for name, weight in MI_WEIGHTS.items():
-    if config.losses[name].weight:
-      config.losses[name].weight = weight
-  return config
-
-
 def get_config(role="distilled"):
   if role not in ROLES:
     raise ValueError(f"configs/demo.py: unknown role {role!r}; expected one of {ROLES}")
@@ -80,7 +65,6 @@ def get_config(role="distilled"):
   # epochs, relations for 100/600.
   for name, paper_epochs in (("mi_in", 400), ("mi_out", 400), ("mi_rel", 100)):
     config.losses[name].end_epoch = config.epochs * paper_epochs / 600
-  scale_module_imitation(config)
   if role != "distilled":
     config.teachers.init_from_feature = False
     for name in ("soft_kd", "mi_in", "mi_out", "mi_rel"):

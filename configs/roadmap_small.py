@@ -9,8 +9,9 @@ mi_f80_r20_l4_init, ...): the same losses, with the model, data and schedule of
 configs/demo.py, for 4 epochs. Epoch windows are the paper's fractions of its 120 epochs
 (mi_f80_r20: feature terms for 80/120 of training, relations for 20/120). Six
 module-imitation layers are the stage outputs plus the two other blocks of the
-third stage, with the demo's module-imitation weights (configs/demo.py). The logit
-and the feature teacher are the demo's PoolFormer.
+third stage. Module imitation keeps Table 10's S12 values under the configs'
+reading (config.distill.mi_reading; docs/roadmap.md). The logit and the feature
+teacher are the demo's PoolFormer.
 """
 
 from configs import demo, roadmap
@@ -32,4 +33,4 @@ def get_config(row):
     if term.end_epoch > 0:
       term.end_epoch = term.end_epoch * config.epochs / PAPER_EPOCHS
   config.distill.mi_blocks = LAYERS[layers]
-  return demo.scale_module_imitation(config)
+  return config

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from riformer_jax import losses, mixup, optim, pretrained
 
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
-_MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
+MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
 _ERASE_STREAM = 0xE5A  # fold_in index of the erasing noise within a step's key
 
 
@@ -135,7 +135,7 @@ class Distiller:
     no_kd = lambda *_: (zero, zero)  # noqa: E731
     no_mi = lambda *_: {"in": zero, "out": zero, "rel": zero}  # noqa: E731
     kd_used = (weights["hard_kd"] != 0) | (weights["soft_kd"] != 0)
-    mi_used = jnp.any(jnp.stack([weights[t] != 0 for t in _MI_TERMS]))
+    mi_used = jnp.any(jnp.stack([weights[t] != 0 for t in MI_TERMS]))
     kd, mi = no_kd(), no_mi()
     if self.shared_teacher and logit_teacher is not None and self.mi_blocks:
       def both(_):
@@ -150,7 +150,7 @@ class Distiller:
         mi = jax.lax.cond(mi_used, lambda _: mi_terms(run(feature_teacher)[1]), no_mi,
                           None)
     terms["hard_kd"], terms["soft_kd"] = kd
-    for term, name in _MI_TERMS.items():
+    for term, name in MI_TERMS.items():
       terms[term] = mi[name]
 
     total = sum(weights[t] * terms[t] for t in TERMS)

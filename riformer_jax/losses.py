@@ -1,8 +1,9 @@
 """The training objectives of the RIFormer paper (Sec. 4), as pure functions.
 
 Every loss is a float32 scalar averaged over the batch, so that the weights in a config
-do not depend on the batch size (docs/reference.md section 3 on Table 10's `lambda x
-batch_size`: with these mean-reduced terms, `weight = value * global_batch_size`).
+do not depend on the batch size. Table 10's module-imitation weights, printed as
+"lambda x batch_size", become weights on these means by one of three readings
+(`module_imitation_weight`; docs/roadmap.md measures them).
 
 - `cross_entropy`: against soft targets (label smoothing, mixup/cutmix already folded in).
 - `hard_distillation`: cross-entropy against the teacher's argmax (DeiT's hard KD).
@@ -19,6 +20,31 @@ batch_size`: with these mean-reduced terms, `weight = value * global_batch_size`
 import jax
 import jax.numpy as jnp
 import optax
+
+# How Table 10's printed "lambda_i x batch_size" becomes the weight of a mean-reduced
+# module-imitation term. The paper does not show its reduction, so each reading is one
+# config value away (config.distill.mi_reading, with config.distill.mi_batch):
+MI_READINGS = {
+    # (a) value x batch: the value taken as a per-example weight of a batch sum.
+    "times_batch": lambda value, batch: value * batch,
+    # (b) the value itself: the authors' code sums each term over the batch, so
+    # lambda x batch_size is the weight the batch mean gets.
+    "value": lambda value, batch: value,
+    # (c) value / batch: the text literally, lambda = value / batch_size on terms that
+    # Eq. 6-8's alpha = 1/NCHW already make means.
+    "per_batch": lambda value, batch: value / batch,
+}
+
+
+def module_imitation_weight(value, reading, batch):
+  """The weight on a mean-reduced module-imitation term of Table 10's `value`
+  ("lambda x batch_size") under `reading` (MI_READINGS) for the table's `batch`."""
+  if reading not in MI_READINGS:
+    raise ValueError(f"config.distill.mi_reading={reading!r}: expected one of "
+                     f"{sorted(MI_READINGS)}")
+  if batch <= 0:
+    raise ValueError(f"config.distill.mi_batch={batch}: must be > 0")
+  return MI_READINGS[reading](value, batch)
 
 
 def cross_entropy(logits, targets):

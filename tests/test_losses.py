@@ -103,3 +103,15 @@ def test_module_imitation_names_mismatched_blocks(images):
                         mutable=["intermediates"])
   with pytest.raises(ValueError, match="stages_3/blocks_0: student output"):
     losses.module_imitation(wide["intermediates"], taps, ["stages_3/blocks_0"])
+
+
+def test_table_10_readings_give_the_weights_they_name():
+  s12 = (1e-4, 1e-3, 1.0)  # Table 10, "lambda x batch_size", at batch 1024
+  weigh = lambda reading: [losses.module_imitation_weight(v, reading, 1024) for v in s12]
+  np.testing.assert_allclose(weigh("times_batch"), [0.1024, 1.024, 1024.0])
+  np.testing.assert_allclose(weigh("value"), s12)
+  np.testing.assert_allclose(weigh("per_batch"), [1e-4 / 1024, 1e-3 / 1024, 1 / 1024])
+  with pytest.raises(ValueError, match=r"config.distill.mi_reading='sum': expected one of"):
+    losses.module_imitation_weight(1.0, "sum", 1024)
+  with pytest.raises(ValueError, match=r"config.distill.mi_batch=0: must be > 0"):
+    losses.module_imitation_weight(1.0, "value", 0)

@@ -55,6 +55,8 @@ def test_roadmap_on_an_image_folder(tmp_path, image_folder):
   top1 = [r["student/top1"] for r in results["rows"]["pool_ce"]]
   assert f"| `pool_ce` | Table 1: PoolFormer, CE | {np.mean(top1):.1f} ± " in table
   assert "--dataset=folder" in table.splitlines()[0]
+  for term in ("mi_in", "mi_out", "mi_rel"):  # each term's size against L_soft
+    assert f"| `mi_f80_r20_l4_init` | {term} |" in table
   # The distilled row used the teacher trained in WORKDIR/teacher on the same folder.
   assert results["teacher"] == os.path.join(str(tmp_path), "teacher", "student")
 
@@ -70,3 +72,46 @@ def test_roadmap_rejects_unknown_rows(tmp_path):
                            "--rows=pool_ce,affine_medium"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode != 0 and "affine_medium" in result.stderr
+
+
+def test_set_overrides_every_row_and_names_bad_fields(capsys):
+  import roadmap  # pylint: disable=import-outside-toplevel
+  args = roadmap.parse_args(["--set", "distill.mi_reading=per_batch", "--set",
+                             "losses.mi_out.weight=0", "--set", "log_every_steps=4"])
+  assert args.set == [("distill.mi_reading", "per_batch"), ("losses.mi_out.weight", 0.0),
+                      ("log_every_steps", 4)]
+  config = roadmap.roadmap_small.get_config("mi_f80_r20_l4")
+  overrides = roadmap.with_data(config, args, 4, args.set)
+  assert config.distill.mi_reading == "per_batch" and config.losses.mi_out.weight == 0.0
+  assert "--config.distill.mi_reading=per_batch" in overrides
+  assert "--config.losses.mi_out.weight=0.0" in overrides
+  for setting, message in (("distill.mi_readin=value", "no config field"),
+                           ("log_every_steps=often", "expected int, got 'often'"),
+                           ("distill.mi_blocks=x", "a scalar field")):
+    with pytest.raises(SystemExit):
+      roadmap.parse_args(["--set", setting])
+    assert message in capsys.readouterr().err
+
+
+def test_term_sizes_are_weighted_terms_over_soft_kd_inside_each_window(tmp_path):
+  import roadmap  # pylint: disable=import-outside-toplevel
+  config = roadmap.roadmap_small.get_config("mi_f80_r20_l4")  # 4 epochs
+  config.distill.mi_reading = "value"
+  in_w, out_w, rel_w = (config.losses[n].weight for n in ("mi_in", "mi_out", "mi_rel"))
+  rel_end = config.losses.mi_rel.end_epoch  # 2/3 of an epoch
+  records = [dict(epoch=e, **{"loss/soft_kd": soft, "loss/mi_in": li, "loss/mi_out": lo,
+                              "loss/mi_rel": lr})
+             for e, soft, li, lo, lr in ((0.1, 2.0, 40.0, 8.0, 0.5),
+                                         (rel_end - 0.01, 1.0, 30.0, 6.0, 0.3),
+                                         (rel_end + 0.01, 0.5, 20.0, 4.0, 0.2),
+                                         (3.9, 0.25, 10.0, 2.0, 0.1))]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  sizes = roadmap.term_sizes(config, tmp_path)
+  np.testing.assert_allclose(sizes["mi_rel"], (rel_w, rel_w * 0.5 / 2.0, rel_w * 0.3 / 1.0),
+                             rtol=1e-6)
+  # L_in' and L_out stop at 8/3 epochs: the record at 3.9 is outside their window.
+  np.testing.assert_allclose(sizes["mi_in"], (in_w, in_w * 40 / 2, in_w * 20 / 0.5),
+                             rtol=1e-6)
+  np.testing.assert_allclose(sizes["mi_out"], (out_w, out_w * 8 / 2, out_w * 4 / 0.5),
+                             rtol=1e-6)

@@ -279,6 +279,9 @@ def test_bad_configuration_is_named(tmp_path):
   assert "--config.model.dims" in output and "expected a tuple of int" in output
   code, output = run(tmp_path, "--config.lr=fast")
   assert code != 0 and "Traceback" not in output and "--config.lr=fast" in output
+  code, output = run(tmp_path, "--config.distill.mi_reading=sum")
+  assert code != 0 and "Traceback" not in output
+  assert "config.distill.mi_reading='sum': expected one of" in output
   code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
   assert code != 0 and "config.teachers.logit" in output and "convert.py" in output
   code, output = run(tmp_path, f"--config.init_from={tmp_path}")  # no manifest
