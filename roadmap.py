@@ -79,14 +79,15 @@ def parse_args(argv=None):
   unknown = set(args.rows) - {row for row, _, _ in ROWS}
   if unknown:
     parser.error(f"--rows: unknown {sorted(unknown)}; see configs/roadmap.py")
-  args.set = [parse_override(parser, setting) for setting in args.set]
+  fields = roadmap_small.get_config("affine_soft")  # every row has the same fields
+  args.set = [parse_override(parser, fields, setting) for setting in args.set]
   return args
 
 
-def parse_override(parser, setting):
-  """`FIELD=VALUE` -> (path, value), the value of the type the field has."""
+def parse_override(parser, fields, setting):
+  """`FIELD=VALUE` -> (path, value), the value of the type the field has in `fields`."""
   path, sep, text = setting.partition("=")
-  node = roadmap_small.get_config("affine_soft")
+  node = fields
   *parents, field = path.split(".")
   try:
     for parent in parents:
@@ -163,8 +164,8 @@ def term_sizes(config, workdir):
     for name in distill.MI_TERMS:
       if weights[name]:
         ratio = float(weights[name]) * record[f"loss/{name}"] / record["loss/soft_kd"]
-        weight, start, _ = sizes.get(name, (float(weights[name]), ratio, None))
-        sizes[name] = (weight, start, ratio)
+        start = sizes[name][1] if name in sizes else ratio
+        sizes[name] = (float(weights[name]), start, ratio)
   return sizes
 
 
