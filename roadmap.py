@@ -9,10 +9,10 @@
 Trains the PoolFormer teacher once (configs/demo.py:teacher, seed 0, the demo's
 teacher) unless --teacher names one, then every row of configs/roadmap_small.py, with
 --set's overrides, for every seed, each in WORKDIR/ROW/seed_S (a train.py workdir:
-finished runs are reused, interrupted ones resume). Writes WORKDIR/results.json and WORKDIR/results.md: test
-top-1 per seed, mean and sample standard deviation, the paper's ImageNet figure, the
-training time, and for rows with module imitation each weighted term against L_soft
-at the start and the end of its window.
+finished runs are reused, interrupted ones resume). Writes WORKDIR/results.json and
+WORKDIR/results.md: test top-1 per seed, mean and sample standard deviation, the
+paper's ImageNet figure, the training time, and for rows with module imitation each
+weighted term against L_soft at the start and the end of its window.
 """
 
 import argparse
