@@ -35,8 +35,8 @@ ROWS = (
     ("pool_ce", "Table 1: PoolFormer, CE", 75.01),
     ("identity_ce", "Table 1: IdentityFormer, CE", 72.31),
     ("identity_label_hard", "Table 2: identity, 0.5 CE + 0.5 hard KD", 73.51),
-    ("identity_hard", "Table 2: identity, hard KD", None),
-    ("identity_label_soft", "Table 2: identity, 0.5 CE + 0.5 soft KD", None),
+    ("identity_hard", "Table 2: identity, hard KD", 72.86),
+    ("identity_label_soft", "Table 2: identity, 0.5 CE + 0.5 soft KD", 73.64),
     ("identity_soft", "Table 2: identity, soft KD (Guideline 1)", 74.05),
     ("affine_ce", "Table 3: affine, CE", 72.25),
     ("affine_label_hard", "Table 3: affine, 0.5 CE + 0.5 hard KD", 73.44),
@@ -187,7 +187,7 @@ def markdown(results, teacher_top1, args):
     spread = f" ± {top1.std(ddof=1):.1f}" if len(top1) > 1 else ""
     lines.append(f"| `{row}` | {what} | {top1.mean():.1f}{spread} | "
                  f"{', '.join(f'{t:.1f}' for t in top1)} | "
-                 f"{'' if paper is None else paper} | {minutes:.1f} |")
+                 f"{paper} | {minutes:.1f} |")
   terms = [(row, name) for row, _, _ in ROWS if row in results
            for name in distill.MI_TERMS if name in results[row][0]["terms"]]
   if terms:
