@@ -161,7 +161,13 @@ class Profiler:
 
   def before_step(self, step):
     if self.last > self.first and step == self.first and jax.process_index() == 0:
-      jax.profiler.start_trace(self.logdir)
+      # Without Python tracing: enabling it walks every Python thread's state while
+      # orbax's and tf.data's threads come and go, and a thread ending mid-walk
+      # crashes the process (a segfault in PyEval_SetProfile, about 1 start in 20
+      # here; CPython's gh-137400 is the same race). The steps' XLA events remain.
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0
+      jax.profiler.start_trace(self.logdir, profiler_options=options)
       self.active = True
 
   def after_step(self, step, state):

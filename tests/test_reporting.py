@@ -87,3 +87,14 @@ def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
   off = reporting.Profiler(tmp_path / "off", (0, 0))
   off.before_step(0)
   assert not off.after_step(0, x) and not (tmp_path / "off").exists()
+
+
+def test_profiler_leaves_python_threads_alone(tmp_path, monkeypatch):
+  # The Python tracer hooks every thread's state as it starts, which can crash the
+  # process when one of orbax's or tf.data's threads ends at that moment.
+  started = []
+  monkeypatch.setattr(jax.profiler, "start_trace",
+                      lambda logdir, profiler_options=None: started.append(profiler_options))
+  reporting.Profiler(tmp_path, (0, 1)).before_step(0)
+  (options,) = started
+  assert options is not None and options.python_tracer_level == 0
