@@ -22,10 +22,10 @@ demo: $(BIN)/.installed
 # The demo's distilled student and its PoolFormer teacher for the edge runtimes (ONNX,
 # OpenVINO, LiteRT, with int8), then int8 against float32 on the test split.
 edge: demo
-	$(BIN)/python -m riformer_jax.export --src runs/demo/distilled/student --dst runs/edge/student --int8
-	$(BIN)/python -m riformer_jax.export --src runs/demo/teacher/student --dst runs/edge/poolformer --int8
-	$(BIN)/python -m riformer_jax.edge --artifacts runs/edge/student
-	$(BIN)/python -m riformer_jax.edge --artifacts runs/edge/poolformer
+	$(BIN)/python -m riformer_jax.deploy.export --src runs/demo/distilled/student --dst runs/edge/student --int8
+	$(BIN)/python -m riformer_jax.deploy.export --src runs/demo/teacher/student --dst runs/edge/poolformer --int8
+	$(BIN)/python -m riformer_jax.deploy.runtimes --artifacts runs/edge/student
+	$(BIN)/python -m riformer_jax.deploy.runtimes --artifacts runs/edge/poolformer
 
 # The roadmap (Tables 1-4, Guideline 5) at small scale, three seeds per row: 14 rows,
 # about 70 minutes on 2 cores (finished runs are reused).
@@ -46,7 +46,7 @@ test-all: $(BIN)/.installed
 
 # Parameters and MACs of every registered model at 224 (no downloads).
 summary: $(BIN)/.installed
-	$(BIN)/python -m riformer_jax.summary
+	$(BIN)/python -m riformer_jax.models.summary
 
 clean:
 	rm -rf $(VENV)

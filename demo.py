@@ -2,7 +2,7 @@
 
   python demo.py [--workdir=runs/demo] [--seed=0]      # `make demo`
 
-On the embedded data set (riformer_jax/synthetic.py) it trains a small PoolFormer
+On the embedded data set (riformer_jax/data/synthetic.py) it trains a small PoolFormer
 teacher, a RIFormer of the same shape with cross-entropy only (the baseline), and the
 same RIFormer the paper's way (configs/demo.py: teacher initialisation, soft KD
 without labels, module imitation); it re-parameterises the distilled student (train.py
@@ -26,8 +26,9 @@ import numpy as np
 
 from configs import demo as demo_configs
 import riformer_jax
-from riformer_jax import faults, input_pipeline, pretrained
-import train
+from riformer_jax.train import faults, runs
+from riformer_jax.data import pipeline, sources, synthetic
+from riformer_jax.weights import pretrained
 
 
 TITLES = {
@@ -49,25 +50,13 @@ def train_role(role, workdir, seed, teacher_dir, index, count):
   config.seed = seed
   if role == "distilled":
     config.teachers.logit = config.teachers.feature = teacher_dir
-  steps = config.epochs * (input_pipeline.synthetic.SPLIT_SIZES["train"] // config.batch_size)
+  steps = config.epochs * (synthetic.SPLIT_SIZES["train"] // config.batch_size)
   print(f"\n[{index}/{count}] {TITLES[role]}: {steps} steps of {config.batch_size} images\n"
         f"      python train.py --config=configs/demo.py:{role} --workdir={run_dir} "
         f"--config.seed={seed}"
         + (f" --config.teachers.logit={teacher_dir} --config.teachers.feature="
            f"{teacher_dir}" if role == "distilled" else ""), flush=True)
-  if os.path.isfile(os.path.join(run_dir, "student", pretrained.MANIFEST)):
-    print(f"      already trained: reusing {run_dir} (delete it to train again)")
-    final = [m for m in read_metrics(run_dir) if "student/top1" in m][-1]
-  else:
-    start = time.time()
-    try:
-      final = train.train_and_evaluate(config, run_dir)
-    except faults.RunError as e:  # a fault of the run: its message, no traceback
-      sys.exit(f"{run_dir}: {e}")
-    if final is None:  # SIGTERM: train.py saved a checkpoint
-      sys.exit(f"interrupted: {run_dir} saved; the same command resumes it")
-    print(f"      {time.time() - start:.0f} s", flush=True)
-  return final
+  return runs.train_or_reuse(config, run_dir)
 
 
 def plot_curves(workdir, path):
@@ -125,8 +114,8 @@ def inference_throughput(models, batch, resolution, repeats=30):
 
 def deploy_logit_difference(models, resolution):
   """Max |logit| difference between the training-time and deploy forms on test data."""
-  source = input_pipeline.get_source("synthetic", "test", num_examples=256)
-  batch = next(input_pipeline.eval_batches(source, global_batch_size=256, size=resolution))
+  source = sources.get_source("synthetic", "test", num_examples=256)
+  batch = next(pipeline.eval_batches(source, global_batch_size=256, size=resolution))
   outputs = []
   for key in ("student", "deploy"):
     module, variables = models[key]
@@ -135,7 +124,6 @@ def deploy_logit_difference(models, resolution):
 
 
 def parse_args(argv=None):
-  # argparse, not absl flags: importing train.py defines absl flags of its own.
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/demo",
                       help="where the three runs and the results go")
@@ -157,8 +145,11 @@ def main(argv=None):
   start = time.time()
   teacher_dir = args.teacher or os.path.join(workdir, "teacher", "student")
   roles = demo_configs.ROLES[1:] if args.teacher else demo_configs.ROLES
-  final = {role: train_role(role, workdir, args.seed, teacher_dir, index + 1, len(roles))
-           for index, role in enumerate(roles)}
+  try:
+    final = {role: train_role(role, workdir, args.seed, teacher_dir, index + 1, len(roles))
+             for index, role in enumerate(roles)}
+  except faults.RunError as e:  # a fault of a run: its message, no traceback
+    sys.exit(str(e))
   if args.teacher:  # the distilled run evaluated it before its first step
     final["teacher"] = {"student/top1": next(
         m["teacher_logit/top1"] for m in read_metrics(os.path.join(workdir, "distilled"))

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from absl import logging
 import jax
@@ -27,8 +26,8 @@ import numpy as np
 
 from configs import demo as demo_configs
 from configs import roadmap_small
-from riformer_jax import distill, faults, pretrained
-import train
+from riformer_jax.train import distill, faults, runs, trainer
+from riformer_jax.weights import store
 
 # (row, what it tests, the paper's ImageNet top-1 for RIFormer-S12 at 120 epochs).
 ROWS = (
@@ -50,7 +49,6 @@ ROWS = (
 
 
 def parse_args(argv=None):
-  # argparse, not absl flags: importing train.py defines absl flags of its own.
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/roadmap",
                       help="where the runs and the results go")
@@ -132,23 +130,9 @@ def with_data(config, args, epochs, settings=()):
 
 
 def run(config, workdir, command):
-  """Final metrics of a train.py run, training it unless it has finished before."""
+  """Final metrics of a run, training it unless it has finished before."""
   print(f"\n== {command}", flush=True)
-  results = os.path.join(workdir, "final.json")
-  if os.path.isfile(results):
-    with open(results) as f:
-      return json.load(f)
-  start = time.time()
-  try:
-    final = train.train_and_evaluate(config, workdir)
-  except faults.RunError as e:  # a fault of the run: its message, no traceback
-    sys.exit(f"{workdir}: {e}")
-  if final is None:  # SIGTERM: train.py saved a checkpoint
-    sys.exit(f"interrupted: {workdir} saved; the same command resumes it")
-  final = dict(final, seconds=time.time() - start)
-  with open(results, "w") as f:
-    json.dump(final, f)
-  return final
+  return runs.train_or_reuse(config, workdir)
 
 
 def term_sizes(config, workdir):
@@ -160,7 +144,7 @@ def term_sizes(config, workdir):
   for record in records:
     if "loss/soft_kd" not in record or not record["loss/soft_kd"]:
       continue
-    weights = train.loss_weights(config, record["epoch"])
+    weights = trainer.loss_weights(config, record["epoch"])
     for name in distill.MI_TERMS:
       if weights[name]:
         ratio = float(weights[name]) * record[f"loss/{name}"] / record["loss/soft_kd"]
@@ -209,6 +193,13 @@ def markdown(results, teacher_top1, args):
 
 def main(argv=None):
   args = parse_args(argv)
+  try:
+    run_rows(args, argv)
+  except faults.RunError as e:  # a fault of a run: its message, no traceback
+    sys.exit(str(e))
+
+
+def run_rows(args, argv):
   logging.set_verbosity(logging.WARNING)
   # Rows differ in traced loss weights only, so most of their programs are the same:
   # the persistent cache compiles each once instead of once per run.
@@ -217,9 +208,9 @@ def main(argv=None):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   teacher = args.teacher
   if teacher:
-    pretrained.read_manifest(teacher)  # fails early, naming the directory
+    store.read_manifest(teacher)  # fails early, naming the directory
     teacher_top1 = float("nan")
-    finished = os.path.join(os.path.dirname(os.path.normpath(teacher)), "final.json")
+    finished = os.path.join(os.path.dirname(os.path.normpath(teacher)), runs.FINAL)
     if os.path.isfile(finished):  # a train.py workdir's student/
       with open(finished) as f:
         teacher_top1 = json.load(f)["student/top1"]

@@ -12,7 +12,7 @@ from riformer_jax import models
 # Table 10, "lambda x batch_size" for (L_in', L_out, L_rel), kept as printed: the
 # module-imitation weights in config.losses are these values, and
 # config.distill.mi_reading says how they become weights on our mean-reduced losses
-# (riformer_jax/losses.py MI_READINGS; docs/roadmap.md measures the readings).
+# (riformer_jax/train/losses.py MI_READINGS; docs/roadmap.md measures the readings).
 _MI_LAMBDAS = {
     "s12": (1e-4, 1e-3, 1.0),
     "s24": (3e-4, 5e-3, 4.0),

@@ -32,7 +32,8 @@ import numpy as np
 from flax import traverse_util
 from matplotlib.figure import Figure
 
-from riformer_jax import pretrained, synthetic
+from riformer_jax.data import pipeline, sources, synthetic
+from riformer_jax.weights import pretrained, store
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)  # RepLKNet's high-contribution area ratios
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
@@ -53,7 +54,6 @@ def load_images(dataset="synthetic", split="test", num_images=50, resolution=Non
   (a centre crop when `resolution` < 96) and 0.9 otherwise; 0 means no resize.
   """
   # TensorFlow is slow to import and only the image analyses need it.
-  from riformer_jax import input_pipeline  # noqa: PLC0415
   native = dataset == "synthetic"
   resolution = resolution or (synthetic.IMAGE_SIZE if native else 224)
   if crop_pct is None:
@@ -61,9 +61,9 @@ def load_images(dataset="synthetic", split="test", num_images=50, resolution=Non
   if native and not crop_pct and resolution > synthetic.IMAGE_SIZE:
     raise ValueError(f"the synthetic images are {synthetic.IMAGE_SIZE} px; for "
                      f"--resolution {resolution} resize them with --crop_pct 1")
-  source = input_pipeline.get_source(dataset, split, data_dir=data_dir)
+  source = sources.get_source(dataset, split, data_dir=data_dir)
   num_images = min(num_images, source.num_examples)
-  batches = input_pipeline.eval_batches(
+  batches = pipeline.eval_batches(
       source, global_batch_size=min(num_images, 64), size=resolution,
       crop_pct=crop_pct or None)
   images = []
@@ -474,7 +474,7 @@ def run_affine(args):
     try:
       scales[label] = affine_scales(variables["params"])
     except ValueError as e:
-      name = pretrained.read_manifest(directory)["model"]
+      name = store.read_manifest(directory)["model"]
       raise ValueError(f"{directory} ({name}): {e}") from e
     missing = [b for b in blocks if b not in scales[label]]
     if missing:
@@ -505,7 +505,7 @@ def parse_args(argv=None):
   common.add_argument("--out", required=True, help="output directory")
   data = argparse.ArgumentParser(add_help=False)
   data.add_argument("--dataset", default="synthetic",
-                    help="synthetic, folder or a TFDS name (input_pipeline.get_source)")
+                    help="synthetic, folder or a TFDS name (sources.get_source)")
   data.add_argument("--split", default="test")
   data.add_argument("--data_dir", default=None)
   data.add_argument("--num_images", type=int, default=50)

@@ -11,7 +11,8 @@ from flax import traverse_util
 from PIL import Image
 
 import riformer_jax
-from riformer_jax import analysis, pretrained
+from riformer_jax import analysis
+from riformer_jax.weights import store
 from conftest import relative_error
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10)
@@ -59,7 +60,7 @@ def saved(tmp_path_factory):
   for label, name, seed in (("riformer", "riformer_s12", 1), ("poolformer", "poolformer_s12", 2),
                             ("copy", "riformer_s12", 1)):
     _, params = tiny_params(name, seed)
-    dirs[label] = str(pretrained.save_pretrained(root / label, name, TINY, params))
+    dirs[label] = str(store.save_pretrained(root / label, name, TINY, params))
   return dirs
 
 
@@ -207,7 +208,7 @@ def test_affine_scales_read_back_with_the_effective_convention(riformer):
   # The mixer's output really is effective_scale * x + bias.
   x = jnp.arange(8.0)
   mixer = params["stages_0"]["blocks_0"]["token_mixer"]
-  out = riformer_jax.metaformer.Affine().apply({"params": mixer}, x)
+  out = riformer_jax.models.metaformer.Affine().apply({"params": mixer}, x)
   np.testing.assert_allclose(out, scales["stages_0/blocks_0"]["effective_scale"] * x
                              + mixer["bias"], rtol=1e-6, atol=1e-6)
 

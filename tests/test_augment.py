@@ -12,7 +12,7 @@ import torch_reference  # noqa: F401  (makes timm importable)
 from timm.data import auto_augment as timm_aa
 from timm.data import transforms as timm_transforms
 
-from riformer_jax import augment
+from riformer_jax.data import augment, imagenet
 
 
 def _noise_image(seed=0, shape=(37, 53, 3)):
@@ -242,9 +242,83 @@ def test_training_recipe_output():
   for s in range(8):
     out = run(tf.constant([s, 9], tf.int64)).numpy()
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
-    lo = (0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
-    hi = (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    lo = (0 - np.array(imagenet.MEAN)) / np.array(imagenet.STD)
+    hi = (1 - np.array(imagenet.MEAN)) / np.array(imagenet.STD)
     inside = np.all((out >= lo - 1e-5) & (out <= hi + 1e-5), axis=-1)
     assert inside.mean() > 0.5  # everything but an erased box is a normalised pixel
   np.testing.assert_array_equal(run(tf.constant([2, 9], tf.int64)),
                                 run(tf.constant([2, 9], tf.int64)))
+
+
+def _our_draws(spec, count):
+  """(applied op names, their magnitudes) of `count` images through our RandAugment,
+  recorded by swapping every operation for one that only notes what it was given."""
+  applied, magnitudes = [], []
+
+  def recording(name, level_to_arg):
+    def op(image, _arg, **_):
+      applied.append(name)
+      return image
+
+    def level(m, sign):
+      magnitudes.append((name, float(m)))
+      return level_to_arg(m, sign)
+    return op, level
+
+  ops = {name: recording(name, level) for name, (_, level) in augment.OPS.items()}
+  image = tf.zeros((4, 4, 3), tf.uint8)
+  with mock.patch.dict(augment.OPS, ops):
+    for i in range(count):
+      augment.auto_augment(tf.constant([i, 7], tf.int32), image, spec)
+  return applied, magnitudes
+
+
+def _timm_draws(spec, count):
+  """The same record of timm's RandAugment (its Python RNGs seeded)."""
+  import random  # noqa: PLC0415
+  applied, magnitudes = [], []
+  transform = timm_aa.rand_augment_transform(spec, {"img_mean": augment.FILL})
+  for op in transform.ops:
+    def aug_fn(image, *_, name=op.name, **__):
+      applied.append(name)
+      return image
+    level_fn = op.level_fn
+    op.aug_fn = aug_fn
+    if level_fn is not None:
+      op.level_fn = lambda m, hparams, name=op.name, fn=level_fn: (
+          magnitudes.append((name, m)), fn(m, hparams))[1]
+  random.seed(0)
+  np.random.seed(0)
+  image = Image.new("RGB", (4, 4))
+  for _ in range(count):
+    transform(image)
+  return applied, magnitudes
+
+
+def test_rand_augment_samples_as_timm_does():
+  """Which ops run, how often a layer applies its op (p = 0.5) and the magnitudes
+  (9 + N(0, 0.5) clipped to [0, 10]), ours against timm's on 1500 images (3000
+  layers): a wrong p, a missing noise or clip, or a skewed op choice fails."""
+  from scipy import stats  # noqa: PLC0415
+  spec, count = "rand-m9-mstd0.5-inc1", 1500
+  ours, ours_m = _our_draws(spec, count)
+  theirs, theirs_m = _timm_draws(spec, count)
+  layers = 2 * count
+  # How often a layer applies its op: both near 0.5, and near each other.
+  for applied in (ours, theirs):
+    assert abs(len(applied) / layers - 0.5) < 4 * math.sqrt(0.25 / layers)
+  # Which op: uniform over timm's 15 (chi-square on the applied counts, both sides).
+  names = augment.RAND_INCREASING_OPS
+  for applied in (ours, theirs):
+    counts = [applied.count(n) for n in names]
+    assert sum(counts) == len(applied)  # no op outside timm's list
+    assert stats.chisquare(counts).pvalue > 1e-3, counts
+  table = [[ours.count(n) for n in names], [theirs.count(n) for n in names]]
+  assert stats.chi2_contingency(table).pvalue > 1e-3, table
+  # Magnitudes: the same distribution (two-sample KS), within [0, 10], with the clip's
+  # mass at 10 (P(N(9, 0.5) > 10) = 2.3%).
+  ours_m, theirs_m = [m for _, m in ours_m], [m for _, m in theirs_m]
+  assert stats.ks_2samp(ours_m, theirs_m).pvalue > 1e-3
+  assert min(ours_m) >= 0 and max(ours_m) == 10.0
+  assert 0.01 < np.mean(np.asarray(ours_m) == 10.0) < 0.04
+  assert abs(np.std(ours_m) - np.std(theirs_m)) < 0.05

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import riformer_jax
-from riformer_jax import counting, state_dict
+from riformer_jax.models import counting
+from riformer_jax.weights import torch_keys
 import torch_reference as ref
 
 FAMILIES = ("poolformerv2", "convformer", "caformer")
@@ -24,7 +25,7 @@ def test_tiny_models_match_timm_and_round_trip(family):
                                      **TINY_BASELINE, num_classes=10)
   ref.assert_same_logits(torch_model, model, params, [(64, 64), (97, 131)])
 
-  back = state_dict.state_dict_from_params(params, "timm")
+  back = torch_keys.state_dict_from_params(params, "timm")
   original = ref.numpy_state_dict(torch_model)
   assert back.keys() == original.keys()
   for key, value in original.items():
@@ -51,7 +52,7 @@ def test_every_size_has_timms_keys_and_shapes(name):
   expected = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
   abstract = counting.abstract_variables(riformer_jax.create_model(name), 64)["params"]
   zeros = jax.tree.map(lambda spec: np.zeros(spec.shape, np.float32), abstract)
-  ours = {k: v.shape for k, v in state_dict.state_dict_from_params(zeros, "timm").items()}
+  ours = {k: v.shape for k, v in torch_keys.state_dict_from_params(zeros, "timm").items()}
   assert ours == expected
 
 

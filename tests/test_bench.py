@@ -1,4 +1,4 @@
-"""The benchmark command (riformer_jax.bench): its rows, ratios, timing and FLOPs."""
+"""The benchmark command (riformer_jax.bench.throughput): its rows, ratios, timing and FLOPs."""
 
 import concurrent.futures
 import json
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import riformer_jax
-from riformer_jax import bench, counting
+from riformer_jax.bench import throughput
+from riformer_jax.models import counting
 from conftest import relative_error
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
@@ -19,7 +20,7 @@ TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
 
 def run_bench(tmp_path, *options):
   path = tmp_path / "bench.json"
-  bench.main(["--batch", "4", "--resolution", "32", "--warmup", "1", "--iters", "2",
+  throughput.main(["--batch", "4", "--resolution", "32", "--warmup", "1", "--iters", "2",
               "--repeats", "3", "--model-overrides", json.dumps(TINY),
               "--json", str(path), *options])
   return json.loads(path.read_text())
@@ -79,7 +80,7 @@ def test_ratios_are_ratios_of_the_measured_medians(results):
     assert ratio["value"] == pytest.approx(statistics.median(denominator["times_s"])
                                            / statistics.median(numerator["times_s"]))
   assert ratios["deploy / poolformer"]["numerator"] == "jax/jit/float32/deploy/s12"
-  assert "| s12 | deploy / poolformer |" in bench.tables(results)
+  assert "| s12 | deploy / poolformer |" in throughput.tables(results)
 
 
 @pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
@@ -91,7 +92,7 @@ def test_torch_rows(results):
     assert "error" not in row and len(row["times_s"]) == 3, row
   # Whether the two frameworks ran on equal threads is part of every result.
   assert results["torch_cpu_threads"] >= 1
-  assert f"PyTorch on {results['torch_cpu_threads']} thread(s)" in bench.tables(results)
+  assert f"PyTorch on {results['torch_cpu_threads']} thread(s)" in throughput.tables(results)
 
 
 def test_measure_waits_for_asynchronous_work():
@@ -100,7 +101,7 @@ def test_measure_waits_for_asynchronous_work():
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     thunk = (lambda: pool.submit(time.sleep, 0.02),
              lambda futures: [f.result() for f in futures])
-    times = bench.measure({"sleep": thunk}, warmup=1, iters=3, repeats=3)["sleep"]
+    times = throughput.measure({"sleep": thunk}, warmup=1, iters=3, repeats=3)["sleep"]
   assert len(times) == 3
   assert 0.019 < statistics.median(times) < 0.2
 
@@ -110,11 +111,11 @@ def test_xla_flops_agree_with_the_analytic_count(form):
   # S12 widths, one block per stage, at 64 px. XLA also counts the elementwise work
   # (norms, GELU, residual adds) and skips kernel taps that fall on padding; at these
   # widths the two effects stay within 5% (at 224 px: +7% for the full S12).
-  model = bench._form_model(form, "s12", dict(depths=(1, 1, 1, 1), num_classes=10),
+  model = throughput._form_model(form, "s12", dict(depths=(1, 1, 1, 1), num_classes=10),
                             jnp.float32)
   params = counting.abstract_variables(model, 64)["params"]
   images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-  _, fields = bench.compile_and_analyse(
+  _, fields = throughput.compile_and_analyse(
       jax.jit(lambda p, x: model.apply({"params": p}, x)), params, images)
   analytic = 2 * 2 * riformer_jax.count_macs(model, 64)
   assert abs(fields["xla_flops"] / analytic - 1) < 0.05
@@ -125,19 +126,19 @@ def test_relation_macs_of_the_default_imitation_blocks():
   blocks = ("stages_0/blocks_1", "stages_1/blocks_1", "stages_2/blocks_5",
             "stages_3/blocks_1")
   expected = 3136 ** 2 * 64 + 784 ** 2 * 128 + 196 ** 2 * 320 + 49 ** 2 * 512
-  assert bench.relation_macs(model, 224, blocks) == expected
+  assert throughput.relation_macs(model, 224, blocks) == expected
 
 
 def test_peaks_come_from_the_table_or_the_command_line():
-  assert bench.peaks("NVIDIA H100 80GB HBM3", "bfloat16") == (989.5e12, 3350e9)
-  assert bench.peaks("NVIDIA H200", "float32") == (494.5e12, 4800e9)  # TF32
-  assert bench.peaks("cpu", "float32") == (None, None)
-  assert bench.peaks("cpu", "float32", peak_tflops=2.0, peak_gbps=50.0) == (2e12, 50e9)
+  assert throughput.peaks("NVIDIA H100 80GB HBM3", "bfloat16") == (989.5e12, 3350e9)
+  assert throughput.peaks("NVIDIA H200", "float32") == (494.5e12, 4800e9)  # TF32
+  assert throughput.peaks("cpu", "float32") == (None, None)
+  assert throughput.peaks("cpu", "float32", peak_tflops=2.0, peak_gbps=50.0) == (2e12, 50e9)
 
 
 @pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
 def test_the_pytorch_deploy_riformer_computes_our_deploy_function():
-  from riformer_jax import bench_torch  # noqa: PLC0415 (needs torch)
+  from riformer_jax.bench import torch_models as bench_torch  # noqa: PLC0415 (needs torch)
   # Our deploy weights (randomised: layer scales of 1e-5 would hide the blocks) in
   # MMPreTrain's deploy RIFormer, as the benchmark loads them: the same logits.
   training_form = riformer_jax.create_model("riformer_s12", **TINY)
@@ -147,7 +148,7 @@ def test_the_pytorch_deploy_riformer_computes_our_deploy_function():
       if leaf.ndim == 1 else (rng.standard_normal(leaf.shape) / np.sqrt(
           np.prod(leaf.shape[:-1]))).astype(np.float32),
       counting.abstract_variables(training_form, 32)["params"]))
-  ours = bench._form_model("deploy", "s12", TINY, jnp.float32)
+  ours = throughput._form_model("deploy", "s12", TINY, jnp.float32)
   theirs = bench_torch.load_params(bench_torch.riformer_deploy(
       TINY["depths"], TINY["dims"], TINY["num_classes"]), params)
   images = np.random.default_rng(0).standard_normal((2, 37, 45, 3), np.float32)
@@ -168,11 +169,11 @@ def test_the_largest_batch_search_stops_at_the_first_failure(monkeypatch):
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
     return {"run": [0.5]}
 
-  monkeypatch.setattr(bench, "measure", measure)
-  args = bench.parse_args(["--batch", "4", "--resolution", "32", "--forms", "deploy",
+  monkeypatch.setattr(throughput, "measure", measure)
+  args = throughput.parse_args(["--batch", "4", "--resolution", "32", "--forms", "deploy",
                            "--max-batch", "64", "--warmup", "0"])
   rate = {"id": "jax/jit/float32/deploy/s12", "images_per_s": 3.0}
-  (found,) = bench.max_batches(args, TINY, bench.param_source(TINY, 32), [rate])
+  (found,) = throughput.max_batches(args, TINY, throughput.param_source(TINY, 32), [rate])
   assert timed_batches == [8, 16]
   assert found["max_batch"] == 8 and found["images_per_s"] == 8 / 0.5
   assert found["stopped"].startswith("batch 16: RESOURCE_EXHAUSTED")
@@ -201,7 +202,7 @@ def test_bfloat16_rows(tmp_path):
 @pytest.mark.slow  # torch.compile of every layer: minutes on 2 cores
 @pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
 def test_layer_benchmark_times_the_same_functions_in_both_frameworks(tmp_path):
-  from riformer_jax import bench_ops  # noqa: PLC0415 (needs torch)
+  from riformer_jax.bench import ops as bench_ops  # noqa: PLC0415 (needs torch)
   import torch  # noqa: PLC0415
   parts = bench_ops.deploy_parts("s12", batch=2, resolution=32)
   # S12 (depths 2, 2, 6, 2): the stem, 3 downsamplings, 6 parts per stage.

@@ -1,10 +1,10 @@
-"""riformer_jax.bench_edge: its table and target ratios; the whole run behind `slow`."""
+"""riformer_jax.bench.edge: its table and target ratios; the whole run behind `slow`."""
 
 import json
 
 import pytest
 
-from riformer_jax import bench_edge
+from riformer_jax.bench import edge as bench_edge
 
 
 def row(model, runtime, precision, threads, batch, ms, source="riformer_jax"):

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from riformer_jax import checkpointing, faults
+from riformer_jax.train import checkpointing, faults
 
 
 def config(**changes):

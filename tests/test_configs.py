@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import riformer_jax
-from riformer_jax import distill, models
+from riformer_jax import models
+from riformer_jax.train import distill, trainer
 
 ROADMAP_ROWS = ["pool_ce", "identity_ce", "identity_label_hard", "identity_hard",
                 "identity_label_soft", "identity_soft", "affine_ce", "affine_label_hard",
@@ -84,14 +85,14 @@ def test_module_imitation_keeps_table_10_and_names_its_reading(size):
   assert (config.distill.mi_reading, config.distill.mi_batch) == ("value", batch)
   for reading, factor in (("value", 1.0), ("times_batch", batch), ("per_batch", 1 / batch)):
     config.distill.mi_reading = reading
-    weights = train.loss_weights(config, 0.0)
+    weights = trainer.loss_weights(config, 0.0)
     np.testing.assert_allclose([weights[n] for n in mi], np.float32(table[size]) * factor,
                                rtol=1e-6)
     assert weights["soft_kd"] == 1.0 and weights["ce"] == 0.0
   # Windows: relations for the first 100 of 600 epochs, features for the first 400.
-  late = train.loss_weights(config, 200.0)
+  late = trainer.loss_weights(config, 200.0)
   assert late["mi_rel"] == 0.0 and late["mi_in"] > 0 and late["mi_out"] > 0
-  assert all(train.loss_weights(config, 400.0)[n] == 0.0 for n in mi)
+  assert all(trainer.loss_weights(config, 400.0)[n] == 0.0 for n in mi)
 
 
 def test_the_demo_distils_with_the_configs_reading():

@@ -12,7 +12,7 @@ import torch
 
 import convert
 import riformer_jax
-from riformer_jax import pretrained
+from riformer_jax.weights import store
 from conftest import relative_error
 import torch_reference as ref
 
@@ -69,7 +69,7 @@ def test_timm_hub_files_import_exactly(name, suffix, tmp_path):
   else:
     torch.save(torch_model.state_dict(), path)
   assert run_convert("--arch", name, "--src", path, "--dst", tmp_path / "out") == 0
-  manifest = pretrained.read_manifest(tmp_path / "out")
+  manifest = store.read_manifest(tmp_path / "out")
   assert manifest["format"] == "timm"
   assert same_logits(torch_model, tmp_path / "out") < 1e-5
 
@@ -82,7 +82,7 @@ def test_sail_poolformer_tar_imports_exactly(tmp_path):
   path = tmp_path / "poolformer_s12.pth.tar"
   torch.save(sail, path)
   assert run_convert("--arch", "poolformer_s12", "--src", path, "--dst", tmp_path / "out") == 0
-  assert pretrained.read_manifest(tmp_path / "out")["format"] == "sail"
+  assert store.read_manifest(tmp_path / "out")["format"] == "sail"
   assert same_logits(torch_model, tmp_path / "out") < 1e-5
 
 
@@ -193,7 +193,7 @@ def test_gfnet_checkpoint_imports_at_its_training_resolution(train_size, tmp_pat
   path = tmp_path / "gfnet_ti.pth"
   torch.save({"model": torch_model.state_dict(), "epoch": 300}, path)
   assert run_convert("--arch", "gfnet_ti", "--src", path, "--dst", tmp_path / "out") == 0
-  manifest = pretrained.read_manifest(tmp_path / "out")
+  manifest = store.read_manifest(tmp_path / "out")
   assert manifest["format"] == "gfnet"
   assert manifest["kwargs"] == {"img_size": train_size, "num_classes": 1000}
   assert same_logits(torch_model, tmp_path / "out", size=train_size) < 1e-5

@@ -1,5 +1,5 @@
 """demo.py's report on finished runs: reuse, the deploy check, throughput, the table
-and the curves (the trainings themselves are train.py's, tested in test_train.py)."""
+and the curves (the trainings themselves are the trainer's, tested in test_train.py)."""
 
 import json
 import os
@@ -12,7 +12,8 @@ from PIL import Image
 import demo
 import riformer_jax
 from configs import demo as demo_configs
-from riformer_jax import pretrained
+from riformer_jax.train import runs
+from riformer_jax.weights import store
 
 
 def fake_run(workdir, role, top1, seed):
@@ -26,10 +27,10 @@ def fake_run(workdir, role, top1, seed):
         lambda path, x: x * 1.5 if "token_mixer" in jax.tree_util.keystr(path) else x,
         params)
   run_dir = os.path.join(workdir, role)
-  pretrained.save_pretrained(os.path.join(run_dir, "student"), config.model_name, kwargs,
+  store.save_pretrained(os.path.join(run_dir, "student"), config.model_name, kwargs,
                              params)
   if role != "teacher":
-    pretrained.save_pretrained(os.path.join(run_dir, "deploy"), config.model_name,
+    store.save_pretrained(os.path.join(run_dir, "deploy"), config.model_name,
                                dict(kwargs, deploy=True),
                                riformer_jax.reparameterize(params))
   with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
@@ -37,6 +38,8 @@ def fake_run(workdir, role, top1, seed):
       f.write(json.dumps({"step": step, "epoch": step / 78, "loss/total": 3 - step / 50,
                           "train_accuracy": step / 100}) + "\n")
     f.write(json.dumps({"step": 78, "student/top1": top1, "deploy/top1": top1}) + "\n")
+  with open(os.path.join(run_dir, runs.FINAL), "w") as f:  # a finished run's record
+    json.dump({"step": 78, "student/top1": top1, "deploy/top1": top1, "seconds": 1.0}, f)
 
 
 def test_report_on_finished_runs(tmp_path, capsys):

@@ -5,11 +5,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import riformer_jax
-from riformer_jax import distill, losses, optim
+from riformer_jax.train import distill, losses, optim, parallel
 from conftest import TINY, randomize, relative_error
 
 BLOCKS = ("stages_1/blocks_1", "stages_2/blocks_0")
@@ -120,11 +119,11 @@ def test_switching_terms_off_skips_them_without_recompiling(setup):
 
 def _run(distiller, params, images, labels, teacher, mesh, steps=2, erase_boxes=None,
          seed=3):
-  data = distill.data_sharding(mesh)
+  data = parallel.data_sharding(mesh)
   state = distiller.init_state(jax.tree.map(jnp.copy, params))  # donated below
-  state = jax.device_put(state, distill.replicated(mesh))
+  state = jax.device_put(state, parallel.replicated(mesh))
   images, labels, erase_boxes = jax.device_put((images, labels, erase_boxes), data)
-  teacher = jax.device_put(teacher, distill.replicated(mesh))
+  teacher = jax.device_put(teacher, parallel.replicated(mesh))
   step = jax.jit(distiller.train_step, donate_argnums=0)
   w = weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
   for _ in range(steps):
@@ -140,7 +139,7 @@ def test_a_uint8_batch_is_finished_in_the_step(setup):
   pixels = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   finish = distill.FinishConfig()
   host = ((pixels / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
-  mesh = distill.make_mesh()
+  mesh = parallel.make_mesh()
   plain = make_distiller(student, finish=distill.FinishConfig(erase_mode=None))
   reference, _ = _run(plain, params, host, labels, teacher, mesh)
   finished, _ = _run(plain, params, pixels, labels, teacher, mesh)
@@ -160,9 +159,9 @@ def test_eight_devices_match_one(setup):
   images, labels, student, params, teacher = setup
   distiller = make_distiller(student)
   one, one_metrics = _run(distiller, params, images, labels, teacher,
-                          distill.make_mesh(jax.devices()[:1]))
+                          parallel.make_mesh(jax.devices()[:1]))
   eight, eight_metrics = _run(distiller, params, images, labels, teacher,
-                              distill.make_mesh())
+                              parallel.make_mesh())
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(one_metrics["loss/total"], eight_metrics["loss/total"],
                              rtol=1e-5)
@@ -171,7 +170,7 @@ def test_eight_devices_match_one(setup):
 
 def test_accumulation_gives_the_large_batch_update(setup):
   images, labels, student, params, teacher = setup
-  mesh = distill.make_mesh()
+  mesh = parallel.make_mesh()
   whole, whole_metrics = _run(make_distiller(student), params, images, labels, teacher,
                               mesh)
   accumulated, metrics = _run(make_distiller(student, accum_steps=2), params, images,
@@ -206,16 +205,16 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
 
 def test_fsdp_shards_large_axes_and_keeps_results(setup):
   images, labels, student, params, teacher = setup
-  mesh = distill.make_mesh()
-  shardings = distill.fsdp_shardings(params, mesh)
+  mesh = parallel.make_mesh()
+  shardings = parallel.fsdp_shardings(params, mesh)
   assert shardings["stages_3"]["blocks_0"]["mlp"]["fc1"]["kernel"].spec == \
       jax.sharding.PartitionSpec(None, "data")  # (32, 128): 128 splits over 8
   assert shardings["stem"]["bias"].spec == jax.sharding.PartitionSpec("data")  # 8
   distiller = make_distiller(student)
   plain = distiller.init_state(params)
-  state_shardings = distill.fsdp_shardings(plain, mesh)
+  state_shardings = parallel.fsdp_shardings(plain, mesh)
   sharded = jax.device_put(plain, state_shardings)
-  sharded_images = jax.device_put(images, distill.data_sharding(mesh))
+  sharded_images = jax.device_put(images, parallel.data_sharding(mesh))
   sharded_step = jax.jit(distiller.train_step, out_shardings=(state_shardings, None))
   plain_step = jax.jit(distiller.train_step)
   for _ in range(2):

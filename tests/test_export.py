@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import riformer_jax
-from riformer_jax import edge, export, input_pipeline, onnx_graph, pretrained
+from riformer_jax.deploy import export, onnx_graph, runtimes
+from riformer_jax.data import pipeline
+from riformer_jax.weights import store
 from conftest import TINY, randomize, relative_error
 
 RESOLUTION = 32
@@ -92,9 +94,9 @@ def make_source(tmp_path, name, seed=1, **kwargs):
   params = randomize(model.init(jax.random.key(0), np.zeros((1, RESOLUTION,
                                                               RESOLUTION, 3)))["params"],
                      seed)
-  directory = pretrained.save_pretrained(
+  directory = store.save_pretrained(
       tmp_path / name, name, dict(TINY, **kwargs), params,
-      preprocessing=pretrained.preprocessing_record(RESOLUTION, 0.875))
+      preprocessing=store.preprocessing_record(RESOLUTION, 0.875))
   return directory, model, params
 
 
@@ -152,7 +154,7 @@ def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_
   assert record["deploy"] and not record["fused"]
   assert record["input"] == {"name": "images", "shape": ["batch", RESOLUTION, RESOLUTION, 3],
                              "layout": "NHWC", "dtype": "float32"}
-  assert record["preprocessing"] == dict(pretrained.preprocessing_record(RESOLUTION, 0.875),
+  assert record["preprocessing"] == dict(store.preprocessing_record(RESOLUTION, 0.875),
                                          baked_in=False)
   assert record["int8"]["calibration_images"] == 16
   assert json.loads((tmp_path / "out" / "m.json").read_text()) == record
@@ -211,10 +213,10 @@ def test_preprocessing_in_the_graph_matches_the_evaluation_pipeline(tmp_path):
   raw = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in
          ((40, 50), (37, 37), (64, 41))]
   config = record["preprocessing"]
-  crops = np.stack([input_pipeline.eval_preprocess(
+  crops = np.stack([pipeline.eval_preprocess(
       image, RESOLUTION, config["crop_pct"], config["mean"], config["std"],
       normalize=False).numpy() for image in raw])
-  normalised = np.stack([input_pipeline.eval_preprocess(
+  normalised = np.stack([pipeline.eval_preprocess(
       image, RESOLUTION, config["crop_pct"]).numpy() for image in raw])
   assert crops.dtype == np.uint8
   expected = stacked(flax_logits(model, params, normalised))
@@ -246,13 +248,13 @@ def test_float16_and_a_fixed_batch(tmp_path):
 
 
 def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
-  """edge.int8_accuracy: float32 top-1 equals Flax's on the same pipeline images."""
+  """runtimes.int8_accuracy: float32 top-1 equals Flax's on the same pipeline images."""
   source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
   prefix = str(tmp_path / "m")
   export.export(source, prefix, ("onnx", "openvino"), int8=True, calibration_count=8,
                 log=lambda _: None)
-  manifest, rows = edge.int8_accuracy(prefix, "synthetic", "test", limit=40)
-  batches = list(edge.evaluation_batches(manifest, "synthetic", "test", limit=40))
+  manifest, rows = runtimes.int8_accuracy(prefix, "synthetic", "test", limit=40)
+  batches = list(runtimes.evaluation_batches(manifest, "synthetic", "test", limit=40))
   images, labels = (np.concatenate(parts) for parts in zip(*batches))
   assert len(labels) == 40
   flax_top1 = 100 * np.mean(np.argmax(flax_logits(model, params, images), -1) == labels)
@@ -291,7 +293,7 @@ def test_onnx_needs_a_metaformer_and_the_base_package_needs_no_runtime(tmp_path)
   source, _, _ = make_source(tmp_path, "convformer_s18")
   with pytest.raises(export.ExportError, match="convformer_s18; litert, jax and"):
     export.export(source, str(tmp_path / "c"), ("onnx",), log=lambda _: None)
-  code = ("import sys, riformer_jax, riformer_jax.export, riformer_jax.edge; "
+  code = ("import sys, riformer_jax, riformer_jax.deploy.export, riformer_jax.deploy.runtimes; "
           "print(sorted({'onnx', 'onnxruntime', 'openvino', 'ai_edge_litert'} & "
           "{m.split('.')[0] for m in sys.modules}))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -310,7 +312,7 @@ def test_full_riformer_s12_and_poolformer_s12_match_at_224(tmp_path):
                               ("poolformer_s12", {}, False)):
     model = riformer_jax.create_model(name, **kwargs)
     params = randomize(model.init(jax.random.key(0), images[:1])["params"], 4)
-    source = pretrained.save_pretrained(tmp_path / name, name, kwargs, params)
+    source = store.save_pretrained(tmp_path / name, name, kwargs, params)
     prefix = str(tmp_path / f"{name}_out")
     export.export(source, prefix, ("onnx", "openvino", "litert", "jax"), fused=fused,
                   log=lambda _: None)

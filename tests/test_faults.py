@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from riformer_jax import faults
+from riformer_jax.train import faults
 
 NAMES = ("loss/total", "loss/ce", "grad_norm")
 

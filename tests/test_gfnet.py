@@ -10,7 +10,8 @@ import torch
 from flax import traverse_util
 
 import riformer_jax
-from riformer_jax import counting, gfnet, state_dict
+from riformer_jax.models import counting, gfnet
+from riformer_jax.weights import torch_keys
 from conftest import relative_error
 import torch_gfnet as ref
 
@@ -73,14 +74,14 @@ def apply(model, params, x, **kwargs):
 
 def torch_state_dict(params):
   flat = traverse_util.flatten_dict(params, sep="/")
-  return {gfnet.torch_key(path): torch.from_numpy(gfnet.to_torch(path, value).copy())
+  return {torch_keys.gfnet_torch_key(path): torch.from_numpy(torch_keys.gfnet_to_torch(path, value).copy())
           for path, value in flat.items()}
 
 
 def params_from_state_dict(state_dict, like):
   flat = traverse_util.flatten_dict(like, sep="/")
   return traverse_util.unflatten_dict(
-      {path: jnp.asarray(gfnet.from_torch(path, state_dict[gfnet.torch_key(path)]
+      {path: jnp.asarray(torch_keys.gfnet_from_torch(path, state_dict[torch_keys.gfnet_torch_key(path)]
                                           .numpy())) for path in flat}, sep="/")
 
 
@@ -149,35 +150,35 @@ def test_key_layout_matches_original(name):
   abstract = traverse_util.flatten_dict(
       counting.abstract_variables(riformer_jax.create_model(name))["params"], sep="/")
   # Zero-stride stand-ins: the layouts without allocating 54M parameters.
-  ours = {gfnet.torch_key(path):
-          gfnet.to_torch(path, np.broadcast_to(np.float32(0), value.shape)).shape
+  ours = {torch_keys.gfnet_torch_key(path):
+          torch_keys.gfnet_to_torch(path, np.broadcast_to(np.float32(0), value.shape)).shape
           for path, value in abstract.items()}
   assert ours == theirs
 
 
 def test_torch_key_examples_and_layouts():
-  assert (gfnet.torch_key("blocks_2_5/filter/complex_weight")
+  assert (torch_keys.gfnet_torch_key("blocks_2_5/filter/complex_weight")
           == "blocks.2.5.filter.complex_weight")
-  assert gfnet.torch_key("patch_embed_0/proj/kernel") == "patch_embed.0.proj.weight"
-  assert gfnet.torch_key("patch_embed/proj/bias") == "patch_embed.proj.bias"
-  assert gfnet.torch_key("blocks_7/mlp/fc1/kernel") == "blocks.7.mlp.fc1.weight"
-  assert gfnet.torch_key("blocks_0_1/gamma") == "blocks.0.1.gamma"
-  assert gfnet.torch_key("pos_embed") == "pos_embed"
-  assert gfnet.torch_key("norm/scale") == "norm.weight"
-  assert gfnet.torch_key("head/kernel") == "head.weight"
+  assert torch_keys.gfnet_torch_key("patch_embed_0/proj/kernel") == "patch_embed.0.proj.weight"
+  assert torch_keys.gfnet_torch_key("patch_embed/proj/bias") == "patch_embed.proj.bias"
+  assert torch_keys.gfnet_torch_key("blocks_7/mlp/fc1/kernel") == "blocks.7.mlp.fc1.weight"
+  assert torch_keys.gfnet_torch_key("blocks_0_1/gamma") == "blocks.0.1.gamma"
+  assert torch_keys.gfnet_torch_key("pos_embed") == "pos_embed"
+  assert torch_keys.gfnet_torch_key("norm/scale") == "norm.weight"
+  assert torch_keys.gfnet_torch_key("head/kernel") == "head.weight"
   with pytest.raises(KeyError):
-    gfnet.torch_key("stages_0/blocks_1/norm1/scale")
+    torch_keys.gfnet_torch_key("stages_0/blocks_1/norm1/scale")
   rng = np.random.default_rng(0)
   shapes = {"patch_embed_0/proj/kernel": (4, 4, 3, 8), "head/kernel": (8, 5),
             "pos_embed": (1, 6, 6, 8), "blocks_0_0/filter/complex_weight": (6, 4, 8, 2),
             "norm/bias": (8,)}
   for path, shape in shapes.items():
     value = rng.standard_normal(shape)
-    back = gfnet.from_torch(path, gfnet.to_torch(path, value))
+    back = torch_keys.gfnet_from_torch(path, torch_keys.gfnet_to_torch(path, value))
     np.testing.assert_array_equal(back, value)
-  assert gfnet.to_torch("pos_embed", np.zeros((1, 6, 6, 8))).shape == (1, 36, 8)
+  assert torch_keys.gfnet_to_torch("pos_embed", np.zeros((1, 6, 6, 8))).shape == (1, 36, 8)
   with pytest.raises(ValueError):
-    gfnet.from_torch("pos_embed", np.zeros((1, 35, 8)))
+    torch_keys.gfnet_from_torch("pos_embed", np.zeros((1, 35, 8)))
 
 
 @pytest.mark.parametrize("config", [TINY_PYRAMID, TINY_PLAIN], ids=["pyramid", "plain"])
@@ -196,16 +197,16 @@ def test_parity_at_training_resolution(config):
 
 
 def test_state_dict_format_gfnet():
-  """riformer_jax.state_dict's "gfnet" format: torch_key, to_torch and from_torch."""
+  """riformer_jax.weights.torch_keys's "gfnet" format: torch_key, to_torch and from_torch."""
   model = flax_model(TINY_PYRAMID)
   params = random_params(model, seed=15)
-  ours = state_dict.state_dict_from_params(params, "gfnet")
+  ours = torch_keys.state_dict_from_params(params, "gfnet")
   expected = torch_state_dict(params)
   assert set(ours) == set(expected)
   for key, value in expected.items():
     np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
   abstract = counting.abstract_variables(model, 64)["params"]
-  back = state_dict.params_from_state_dict(ours, abstract, "gfnet")
+  back = torch_keys.params_from_state_dict(ours, abstract, "gfnet")
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 

@@ -18,7 +18,7 @@ import torch
 
 import convert
 import riformer_jax
-from riformer_jax import hub, pretrained
+from riformer_jax.weights import hub, store
 from conftest import relative_error
 import torch_reference as ref  # before timm: its torchvision workaround
 from timm.models import save_for_hf  # noqa: E402
@@ -102,7 +102,7 @@ def test_convert_py_imports_a_timm_hub_name_offline(hub_cache, tmp_path):
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "poolformer_s12" in done.stdout
-  manifest = pretrained.read_manifest(tmp_path / "pf")
+  manifest = store.read_manifest(tmp_path / "pf")
   assert manifest["model"] == "poolformer_s12" and manifest["format"] == "timm"
   assert manifest["kwargs"] == {"head": "timm", "num_classes": 1000}
   assert manifest["source"] == HUB_NAME and manifest["revision"] == COMMIT
@@ -212,7 +212,7 @@ def test_a_url_downloads_once_checked_by_the_hash_in_its_name(served, tmp_path, 
   assert convert.main(["--src", url, "--arch", "riformer_s12", "--dst",
                        str(tmp_path / "out")]) == 0
   assert "warning" not in capsys.readouterr().err  # the name's hash was checked
-  manifest = pretrained.read_manifest(tmp_path / "out")
+  manifest = store.read_manifest(tmp_path / "out")
   assert manifest["source"] == url and manifest["sha256"] == digest
   model, variables = riformer_jax.load_pretrained(tmp_path / "out")
   assert same_logits(torch_model, model, variables) < 1e-5
@@ -270,14 +270,14 @@ def test_a_url_without_a_hash_is_downloaded_with_a_warning_naming_its_sha256(
 
 
 def test_a_teacher_and_an_export_may_name_a_hub_checkpoint(offline_hub):
-  import train  # noqa: PLC0415 (absl flags: imported where used)
-  from riformer_jax import export, faults  # noqa: PLC0415
+  from riformer_jax.deploy import export  # noqa: PLC0415
+  from riformer_jax.train import faults, trainer  # noqa: PLC0415
 
-  model, _ = train.load_model_dir(HUB_NAME, "config.teachers.logit")
+  model, _ = trainer.load_model_dir(HUB_NAME, "config.teachers.logit")
   assert model.head == "timm" and model.num_classes == 1000
   with pytest.raises(faults.RunError, match=r"config.teachers.logit='hf-hub:timm/x.y': "
                      r"hf-hub:timm/x.y: not in the hub cache"):
-    train.load_model_dir("hf-hub:timm/x.y", "config.teachers.logit")
+    trainer.load_model_dir("hf-hub:timm/x.y", "config.teachers.logit")
   module, params, manifest = export.load_for_export(HUB_NAME)
   assert manifest["source"] == HUB_NAME and manifest["revision"] == COMMIT
   assert "head" in params and module.head == "timm"

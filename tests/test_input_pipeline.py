@@ -12,7 +12,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from riformer_jax import augment, input_pipeline
+from riformer_jax.data import augment, decode, imagenet, pipeline, sources
+from riformer_jax.train import parallel
 
 # 32x32 outputs keep the tests fast. FULL is the paper's recipe (RandAugment on);
 # FAST leaves RandAugment out where the test is about something else, because
@@ -64,28 +65,28 @@ def _assert_same_batches(a, b):
 
 @pytest.fixture(scope="module")
 def synthetic_train():
-  return input_pipeline.get_source("synthetic", "train", num_examples=60)
+  return sources.get_source("synthetic", "train", num_examples=60)
 
 
 def test_synthetic_batches_resume_and_hosts(synthetic_train):
   source = synthetic_train
   run = dict(global_batch_size=16, seed=3, recipe=FULL)
-  steps_per_epoch = input_pipeline.steps_per_epoch(source, 16)
+  steps_per_epoch = pipeline.steps_per_epoch(source, 16)
   assert steps_per_epoch == 3
-  full = _take(input_pipeline.train_batches(source, num_steps=7, **run))
+  full = _take(pipeline.train_batches(source, num_steps=7, **run))
   assert full[0]["image"].shape == (16, 32, 32, 3) and full[0]["image"].dtype == np.float32
   assert full[0]["label"].dtype == np.int32 and full[0]["label"].max() < 10
   # Resumed at step 4 (second epoch): exactly the uninterrupted batches 4, 5, 6.
-  resumed = _take(input_pipeline.train_batches(source, start_step=4, num_steps=3, **run))
+  resumed = _take(pipeline.train_batches(source, start_step=4, num_steps=3, **run))
   _assert_same_batches(full[4:], resumed)
   # Two hosts each read half of every global batch; together the same batches.
-  hosts = [_take(input_pipeline.train_batches(source, num_steps=2, process_index=p,
+  hosts = [_take(pipeline.train_batches(source, num_steps=2, process_index=p,
                                               process_count=2, **run)) for p in range(2)]
   for step in range(2):
     np.testing.assert_array_equal(
         np.concatenate([hosts[p][step]["image"] for p in range(2)]), full[step]["image"])
   # Another seed gives other batches.
-  other = _take(input_pipeline.train_batches(source, num_steps=1, global_batch_size=16,
+  other = _take(pipeline.train_batches(source, num_steps=1, global_batch_size=16,
                                              seed=4, recipe=FAST))
   assert not np.array_equal(other[0]["image"], full[0]["image"])
 
@@ -93,10 +94,10 @@ def test_synthetic_batches_resume_and_hosts(synthetic_train):
 def test_unaugmented_training_batches_are_the_normalised_images(synthetic_train):
   """With `no_augment`, a training batch is exactly the normalised examples that
   `train_indices` names (the synthetic set's plain cross-entropy recipe)."""
-  (batch,) = _take(input_pipeline.train_batches(
+  (batch,) = _take(pipeline.train_batches(
       synthetic_train, global_batch_size=12, seed=2, recipe=augment.no_augment(96),
       start_step=7, num_steps=1))
-  indices = input_pipeline.train_indices(synthetic_train, 12, seed=2, step=7)
+  indices = pipeline.train_indices(synthetic_train, 12, seed=2, step=7)
   expected = augment.normalize(tf.gather(synthetic_train.images, indices)).numpy()
   np.testing.assert_allclose(batch["image"], expected, atol=1e-6)
   np.testing.assert_array_equal(batch["label"], synthetic_train.labels.numpy()[indices])
@@ -105,11 +106,11 @@ def test_unaugmented_training_batches_are_the_normalised_images(synthetic_train)
 def test_uint8_batches_defer_normalisation_and_erasing(folder):
   """uint8=True: the same pixels before normalisation, the boxes the float batches
   erase, and the same (seed, step) determinism and resume."""
-  train = input_pipeline.get_source("folder", "train", data_dir=folder)
+  train = sources.get_source("folder", "train", data_dir=folder)
   recipe = augment.TrainAugment(size=32, re_prob=0.5)
   run = dict(global_batch_size=6, seed=1, recipe=recipe, num_steps=3)
-  floats = _take(input_pipeline.train_batches(train, **run))
-  uint8 = _take(input_pipeline.train_batches(train, uint8=True, **run))
+  floats = _take(pipeline.train_batches(train, **run))
+  uint8 = _take(pipeline.train_batches(train, uint8=True, **run))
   erased = 0
   for f, u in zip(floats, uint8):
     assert u["image"].dtype == np.uint8 and u["erase"].shape == (6, 4)
@@ -122,7 +123,7 @@ def test_uint8_batches_defer_normalisation_and_erasing(folder):
       assert np.all(np.any(f["image"][row][inside] != normalised[row][inside], -1))
       erased += height > 0
   assert 0 < erased < 18  # p = 0.5 over 18 images
-  resumed = _take(input_pipeline.train_batches(
+  resumed = _take(pipeline.train_batches(
       train, uint8=True, start_step=2, **dict(run, num_steps=1)))
   for key in ("image", "erase", "label"):
     np.testing.assert_array_equal(resumed[0][key], uint8[2][key])
@@ -136,13 +137,13 @@ def test_large_jpeg_crops_decode_at_a_reduced_dct_scale():
   half = tf.io.decode_jpeg(data, channels=3, ratio=2, dct_method="INTEGER_ACCURATE")
   window = lambda h, w: (tf.constant(100), tf.constant(200), tf.constant(600),  # noqa: E731
                          tf.constant(700))
-  scaled = input_pipeline.decode_image(data, window, min_side=224).numpy()
+  scaled = decode.decode_image(data, window, min_side=224).numpy()
   np.testing.assert_array_equal(scaled, half[50:350, 100:450])
-  full = input_pipeline.decode_image(data, window).numpy()
+  full = decode.decode_image(data, window).numpy()
   assert full.shape == (600, 700, 3)
-  np.testing.assert_array_equal(input_pipeline.decode_image(data, window, min_side=400),
+  np.testing.assert_array_equal(decode.decode_image(data, window, min_side=400),
                                 full)  # 600 < 2 x 400: full scale
-  quarter = input_pipeline.decode_image(data, window, min_side=100).numpy()
+  quarter = decode.decode_image(data, window, min_side=100).numpy()
   assert quarter.shape == (150, 175, 3)
   resized = [augment.resize(x, [112, 112]).numpy().astype(int) for x in (full, scaled, quarter)]
   for other in resized[1:]:
@@ -151,17 +152,17 @@ def test_large_jpeg_crops_decode_at_a_reduced_dct_scale():
 
 
 def test_each_epoch_is_a_permutation(synthetic_train):
-  epoch = [input_pipeline.train_indices(synthetic_train, 20, seed=1, step=s) for s in range(3)]
+  epoch = [pipeline.train_indices(synthetic_train, 20, seed=1, step=s) for s in range(3)]
   assert sorted(np.concatenate(epoch)) == list(range(60))
-  next_epoch = np.concatenate([input_pipeline.train_indices(synthetic_train, 20, 1, s)
+  next_epoch = np.concatenate([pipeline.train_indices(synthetic_train, 20, 1, s)
                                for s in range(3, 6)])
   assert sorted(next_epoch) == list(range(60))
   assert not np.array_equal(np.concatenate(epoch), next_epoch)
 
 
 def test_eval_covers_every_example_once_across_hosts():
-  source = input_pipeline.get_source("synthetic", "test", num_examples=50)
-  hosts = [_take(input_pipeline.eval_batches(source, global_batch_size=16, size=96,
+  source = sources.get_source("synthetic", "test", num_examples=50)
+  hosts = [_take(pipeline.eval_batches(source, global_batch_size=16, size=96,
                                              crop_pct=None, process_index=p, process_count=2))
            for p in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == 4
@@ -180,9 +181,9 @@ def test_eval_covers_every_example_once_across_hosts():
 
 def test_global_batches_are_sharded_over_the_data_axis(synthetic_train):
   mesh = jax.make_mesh((8,), ("data",))
-  host = _take(input_pipeline.train_batches(synthetic_train, global_batch_size=16, seed=0,
+  host = _take(pipeline.train_batches(synthetic_train, global_batch_size=16, seed=0,
                                             recipe=FAST, num_steps=1))
-  (batch,) = list(input_pipeline.global_batches(iter(host), mesh))
+  (batch,) = list(parallel.global_batches(iter(host), mesh))
   assert batch["image"].shape == (16, 32, 32, 3)
   assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   assert len(batch["image"].addressable_shards) == 8
@@ -207,20 +208,20 @@ def folder(tmp_path_factory):
 
 
 def test_folder_source_train_and_eval(folder):
-  train = input_pipeline.get_source("folder", "train", data_dir=folder)
+  train = sources.get_source("folder", "train", data_dir=folder)
   assert train.class_names == ["cat", "dog", "eel"] and train.num_examples == 18
   assert train.report["num_skipped"] == 0
-  batches = _take(input_pipeline.train_batches(train, global_batch_size=6, seed=0,
+  batches = _take(pipeline.train_batches(train, global_batch_size=6, seed=0,
                                                recipe=FAST, num_steps=3))
   seen = np.concatenate([b["label"] for b in batches])
   assert sorted(seen) == sorted([0] * 6 + [1] * 6 + [2] * 6)  # one epoch, each once
-  resumed = _take(input_pipeline.train_batches(train, global_batch_size=6, seed=0,
+  resumed = _take(pipeline.train_batches(train, global_batch_size=6, seed=0,
                                                recipe=FAST, start_step=2, num_steps=1))
   _assert_same_batches(batches[2:], resumed)
 
-  val = input_pipeline.get_source("folder", "val", data_dir=folder,
+  val = sources.get_source("folder", "val", data_dir=folder,
                                   class_names=train.class_names)
-  (batch,) = _take(input_pipeline.eval_batches(val, global_batch_size=9, size=24,
+  (batch,) = _take(pipeline.eval_batches(val, global_batch_size=9, size=24,
                                                crop_pct=0.875))
   np.testing.assert_array_equal(batch["label"], [0, 0, 0, 1, 1, 1, 2, 2, 2])
   assert batch["mask"].all() and batch["image"].shape == (9, 24, 24, 3)
@@ -260,21 +261,21 @@ def toy_tfds(request, tmp_path_factory):
 
 def test_tfds_source_by_name(toy_tfds):
   data_dir, file_format = toy_tfds
-  source = input_pipeline.get_source("tfds:riformer_toy_images", "train", data_dir=data_dir)
+  source = sources.get_source("tfds:riformer_toy_images", "train", data_dir=data_dir)
   assert source.random_access == (file_format == "array_record")
   assert source.num_examples == 24 and source.num_classes == 3
   run = dict(global_batch_size=8, seed=5, recipe=FAST)
-  full = _take(input_pipeline.train_batches(source, num_steps=5, **run))
+  full = _take(pipeline.train_batches(source, num_steps=5, **run))
   assert full[0]["image"].shape == (8, 32, 32, 3)
   # One epoch (3 steps) has every example once, in either format.
   assert sorted(np.concatenate([b["label"] for b in full[:3]])) == sorted([0, 1, 2] * 8)
-  resumed = _take(input_pipeline.train_batches(source, start_step=4, num_steps=1, **run))
+  resumed = _take(pipeline.train_batches(source, start_step=4, num_steps=1, **run))
   _assert_same_batches(full[4:], resumed)
-  again = _take(input_pipeline.train_batches(source, num_steps=2, **run))
+  again = _take(pipeline.train_batches(source, num_steps=2, **run))
   _assert_same_batches(full[:2], again)
   # Two hosts: each its share, same number of steps; labels of the eval split in order.
-  test = input_pipeline.get_source("riformer_toy_images", "test", data_dir=data_dir)
-  hosts = [_take(input_pipeline.eval_batches(test, global_batch_size=4, size=32,
+  test = sources.get_source("riformer_toy_images", "test", data_dir=data_dir)
+  hosts = [_take(pipeline.eval_batches(test, global_batch_size=4, size=32,
                                              process_index=p, process_count=2))
            for p in range(2)]
   assert len(hosts[0]) == len(hosts[1])
@@ -284,9 +285,9 @@ def test_tfds_source_by_name(toy_tfds):
 
 def test_unknown_or_unprepared_tfds(tmp_path):
   with pytest.raises(ValueError, match="unknown TFDS data set 'no_such_data_set_xyz'"):
-    input_pipeline.get_source("no_such_data_set_xyz", "train", data_dir=str(tmp_path))
+    sources.get_source("no_such_data_set_xyz", "train", data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as error:
-    input_pipeline.get_source("imagenet2012", "train", data_dir=str(tmp_path))
+    sources.get_source("imagenet2012", "train", data_dir=str(tmp_path))
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert os.path.join(str(tmp_path), "downloads", "manual") in message
@@ -321,15 +322,15 @@ def test_imagenet2012_from_the_two_manual_tar_files(tmp_path):
        [(f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg_bytes(_photo(32, 30, 50 + i)))
         for i in range(1, 5)])
   data_dir = str(tmp_path / "data")
-  input_pipeline._main(["prepare", "imagenet2012", "--data_dir", data_dir,  # the CLI
+  sources._main(["prepare", "imagenet2012", "--data_dir", data_dir,  # the CLI
                         "--manual_dir", str(manual)])
-  train = input_pipeline.get_source("imagenet2012", "train", data_dir=data_dir)
+  train = sources.get_source("imagenet2012", "train", data_dir=data_dir)
   assert train.random_access and train.num_examples == 6 and train.num_classes == 1000
-  (batch,) = _take(input_pipeline.train_batches(train, global_batch_size=6, seed=0,
+  (batch,) = _take(pipeline.train_batches(train, global_batch_size=6, seed=0,
                                                 recipe=FAST, num_steps=1))
   assert sorted(batch["label"]) == [0, 0, 0, 1, 1, 1]
-  val = input_pipeline.get_source("imagenet2012", "validation", data_dir=data_dir)
-  (batch,) = _take(input_pipeline.eval_batches(val, global_batch_size=4, size=24))
+  val = sources.get_source("imagenet2012", "validation", data_dir=data_dir)
+  (batch,) = _take(pipeline.eval_batches(val, global_batch_size=4, size=24))
   # validation_labels.txt starts n01751748, n09193705, n02105855, n04263257 (TFDS
   # stores the examples in its own shuffled order).
   names = sorted(val.class_names[i] for i in batch["label"])
@@ -352,9 +353,9 @@ def test_eval_preprocessing_matches_timm_on_jpegs(tmp_path):
   import timm.data  # pylint: disable=import-outside-toplevel
   transform = timm.data.create_transform(224, interpolation="bicubic", crop_pct=0.9,
                                          is_training=False)
-  std = np.array(augment.IMAGENET_STD) * 255
-  run = tf.function(lambda data: input_pipeline.eval_preprocess(
-      input_pipeline.decode_image(data), 224, 0.9))
+  std = np.array(imagenet.STD) * 255
+  run = tf.function(lambda data: pipeline.eval_preprocess(
+      decode.decode_image(data), 224, 0.9))
   worst = []
   for i, (height, width) in enumerate([(300, 200), (375, 500), (333, 500), (224, 224),
                                        (260, 301), (600, 250)]):
@@ -375,14 +376,14 @@ def test_eval_preprocessing_matches_timm_on_jpegs(tmp_path):
 def test_missing_directories_name_the_path(tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    input_pipeline.get_source("folder", "train", data_dir=missing)
+    sources.get_source("folder", "train", data_dir=missing)
   (tmp_path / "root" / "val").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match=r"train.*contains \['val'\]"):
-    input_pipeline.get_source("folder", "train", data_dir=str(tmp_path / "root"))
+    sources.get_source("folder", "train", data_dir=str(tmp_path / "root"))
   with pytest.raises(FileNotFoundError, match="no class folders"):
-    input_pipeline.get_source("folder", "val", data_dir=str(tmp_path / "root"))
+    sources.get_source("folder", "val", data_dir=str(tmp_path / "root"))
   with pytest.raises(ValueError, match="data_dir"):
-    input_pipeline.get_source("folder", "train")
+    sources.get_source("folder", "train")
 
 
 def test_bad_files_are_skipped_counted_or_converted(tmp_path, caplog):
@@ -403,7 +404,7 @@ def test_bad_files_are_skipped_counted_or_converted(tmp_path, caplog):
   (split / "b" / "notes.txt").write_text("not an image either")
   (split / "c_empty").mkdir()
   with caplog.at_level(logging.WARNING):
-    source = input_pipeline.get_source("folder", "train", data_dir=str(root))
+    source = sources.get_source("folder", "train", data_dir=str(root))
   report = source.report
   assert source.class_names == ["a", "b", "c_empty"] and source.num_classes == 3
   assert report["empty_classes"] == ["c_empty"]
@@ -428,7 +429,7 @@ def test_bad_files_are_skipped_counted_or_converted(tmp_path, caplog):
     assert image.shape == (30, 40, 3) and label == (0 if name.endswith("jpg") else 1)
     np.testing.assert_array_equal(image, expected, err_msg=name)
   # A whole epoch runs through the pipeline.
-  batches = _take(input_pipeline.train_batches(source, global_batch_size=6, seed=0,
+  batches = _take(pipeline.train_batches(source, global_batch_size=6, seed=0,
                                                recipe=FAST, num_steps=1))
   assert batches[0]["image"].shape == (6, 32, 32, 3)
 
@@ -440,10 +441,10 @@ def test_undecodable_file_is_named(tmp_path):
   for i in range(3):
     _save(str(split / "a" / f"{i}.jpg"), _photo(20, 20, i))
   (split / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9")
-  source = input_pipeline.get_source("folder", "train", data_dir=str(tmp_path))
+  source = sources.get_source("folder", "train", data_dir=str(tmp_path))
   assert source.num_examples == 4
   with pytest.raises(ValueError, match=r"broken\.jpg"):
-    _take(input_pipeline.train_batches(source, global_batch_size=4, seed=0, recipe=FAST,
+    _take(pipeline.train_batches(source, global_batch_size=4, seed=0, recipe=FAST,
                                        num_steps=1))
 
 
@@ -451,4 +452,4 @@ def test_folder_of_only_bad_files(tmp_path):
   (tmp_path / "train" / "a").mkdir(parents=True)
   (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"junk")
   with pytest.raises(FileNotFoundError, match="no readable images"):
-    input_pipeline.get_source("folder", "train", data_dir=str(tmp_path))
+    sources.get_source("folder", "train", data_dir=str(tmp_path))

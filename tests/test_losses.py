@@ -1,14 +1,13 @@
 """The paper's losses against PyTorch's definitions and on real taps."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import riformer_jax
-from riformer_jax import losses
+from riformer_jax.train import losses
 from conftest import TINY
 
 RNG = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import torch_reference  # noqa: F401  (makes timm importable)
 from timm.data import mixup as timm_mixup
 
 import riformer_jax
-from riformer_jax import distill, input_pipeline, losses, mixup
+from riformer_jax.train import distill, losses, mixup, parallel
 from conftest import TINY, randomize
 
 
@@ -126,9 +126,9 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   """`Distiller.train_step` on 8 devices with mixup/CutMix, the student its own teacher
   in both roles (TINY has no dropout or drop path): the distillation terms vanish
   only if the teachers take the very array the student takes."""
-  mesh = distill.make_mesh()
+  mesh = parallel.make_mesh()
   host = {"image": _images(batch=16, size=32), "label": np.arange(16, dtype=np.int32) % 5}
-  batch = input_pipeline.to_global(host, mesh)
+  batch = parallel.to_global(host, mesh)
   assert mesh.devices.size == 8
   assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   student = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=5))
@@ -138,12 +138,12 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   params["head"] = jax.tree_util.tree_map_with_path(
       lambda path, p: jnp.zeros_like(p) if path[-1].key == "bias" else p, params["head"])
   teacher = jax.device_put(distill.Teacher(student, {"params": params}),
-                           distill.replicated(mesh))
+                           parallel.replicated(mesh))
   config = distill.MixConfig()
   blocks = ("stages_1/blocks_1", "stages_2/blocks_0")
   distiller = distill.Distiller(student=student, optimizer=optax.sgd(0.1), num_classes=5,
                                 mix=config, mi_blocks=blocks)
-  state = jax.device_put(distiller.init_state(params), distill.replicated(mesh))
+  state = jax.device_put(distiller.init_state(params), parallel.replicated(mesh))
   every_term = {t: jnp.float32(1.0) for t in distill.TERMS}
   steps = {shared: jax.jit(dataclasses.replace(distiller,
                                                shared_teacher=shared).train_step)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import riformer_jax
-from riformer_jax import counting, metaformer
+from riformer_jax.models import counting, metaformer
 from conftest import TINY, randomize, relative_error
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
@@ -251,7 +251,7 @@ def test_configs_build_the_reference_models():
 
 
 def test_summary_command_prints_the_reference_counts(capsys):
-  from riformer_jax import summary
+  from riformer_jax.models import summary
   summary.main(["riformer_s12", "poolformer_s12"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[1].split() == ["riformer_s12", "train", "11,921,832", "1.812"]

@@ -13,8 +13,7 @@ import pytest
 import safetensors.numpy
 
 import riformer_jax
-from riformer_jax import pretrained
-from riformer_jax import state_dict as state_dict_lib
+from riformer_jax.weights import store, torch_keys as state_dict_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "param_surgery.ipynb"
@@ -70,8 +69,8 @@ def executed(tmp_path_factory):
   safetensors.numpy.save_file(state_dict_lib.state_dict_from_params(
       random_params("poolformer_s12", 0, num_classes=10), "mmpretrain"), str(teacher))
   student = random_params("riformer_s12", 1, **TINY)
-  pretrained.save_pretrained(tmp / "student", "riformer_s12", TINY, student)
-  pretrained.save_pretrained(tmp / "deploy", "riformer_s12", dict(TINY, deploy=True),
+  store.save_pretrained(tmp / "student", "riformer_s12", TINY, student)
+  store.save_pretrained(tmp / "deploy", "riformer_s12", dict(TINY, deploy=True),
                              riformer_jax.reparameterize(student))
   with pytest.MonkeyPatch.context() as env:
     use_this_interpreter(env, tmp)

@@ -115,7 +115,7 @@ def test_the_wheel_declares_a_light_base_and_the_extras(wheel):
   with zipfile.ZipFile(wheel) as whl:
     names = whl.namelist()
     entry_points = whl.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-  assert "riformer_jax/imagenet_classes.txt" in names
+  assert "riformer_jax/deploy/imagenet_classes.txt" in names
   for script in ("convert", "predict", "export", "edge", "summary"):
     assert f"riformer-{script} = riformer_jax.{script}:main" in entry_points
 

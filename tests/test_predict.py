@@ -1,4 +1,4 @@
-"""riformer_jax.predict: timm's evaluation transform, the top classes and their names."""
+"""riformer_jax.deploy.predict: timm's evaluation transform, the top classes and their names."""
 
 import re
 
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import riformer_jax
-from riformer_jax import predict, pretrained
-import torch_reference as ref  # before timm: its torchvision workaround
+from riformer_jax.deploy import predict
+from riformer_jax.weights import store
 import timm.data  # noqa: E402
 from test_hub import HUB_NAME, hub_cache  # noqa: F401 (a fixture)
 
@@ -40,7 +40,7 @@ def printed(output):
 ])
 def test_preprocessing_is_timms_evaluation_transform(tmp_path, size, crop_pct, interpolation,
                                                      image_size):
-  config = pretrained.preprocessing_record(size, crop_pct, interpolation)
+  config = store.preprocessing_record(size, crop_pct, interpolation)
   transform = timm.data.create_transform(
       input_size=tuple(config["input_size"]), crop_pct=crop_pct,
       interpolation=interpolation, mean=config["mean"], std=config["std"])
@@ -88,15 +88,15 @@ def test_a_model_trained_on_folders_prints_its_folders_names(tmp_path, capsys):
   params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"]
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: p + 0.5 * rng.standard_normal(p.shape, np.float32), params)
-  pretrained.save_pretrained(tmp_path / "m", "riformer_s12",
+  store.save_pretrained(tmp_path / "m", "riformer_s12",
                              dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3),
-                             params, preprocessing=pretrained.preprocessing_record(32, None),
+                             params, preprocessing=store.preprocessing_record(32, None),
                              class_names=["cat", "dog", "wombat"])
   image = write_image(tmp_path / "x.png", 40, 32)
   assert predict.main(["--model", str(tmp_path / "m"), "--top", "3", str(image)]) == 0
   rows = printed(capsys.readouterr().out)
   with Image.open(image) as pil:
-    x = predict.preprocess(pil, pretrained.preprocessing_record(32, None))
+    x = predict.preprocess(pil, store.preprocessing_record(32, None))
   p = np.asarray(jax.nn.softmax(jax.jit(model.apply)({"params": params}, x[None])))[0]
   assert [(name, k) for _, name, k in rows] == [
       (["cat", "dog", "wombat"][k], k) for k in np.argsort(-p)]
@@ -111,7 +111,7 @@ def test_bad_input_is_named(tmp_path, capsys):
   model = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 1, 1),
                                     dims=(8, 8, 16, 16), num_classes=1000)
   params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"]
-  pretrained.save_pretrained(tmp_path / "m", "poolformer_s12",
+  store.save_pretrained(tmp_path / "m", "poolformer_s12",
                              dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16)), params)
   assert predict.main(["--model", str(tmp_path / "m"), not_an_image]) == 1
   error = capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from riformer_jax import reporting
+from riformer_jax.train import reporting
 
 
 class Terminal(io.StringIO):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from riformer_jax import synthetic
+from riformer_jax.data import synthetic
 
 
 @pytest.fixture(scope="module")

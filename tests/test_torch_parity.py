@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import riformer_jax
-from riformer_jax import counting, state_dict
+from riformer_jax.models import counting
+from riformer_jax.weights import torch_keys
 from conftest import relative_error
 import torch_reference as ref
 
@@ -38,7 +39,7 @@ def test_mmpretrain_riformer_training_time_and_deploy():
 
   # Our pure re-parameterisation against MMPreTrain's in-place switch_to_deploy.
   torch_model.backbone.switch_to_deploy()
-  ours = state_dict.state_dict_from_params(riformer_jax.reparameterize(params), "mmpretrain")
+  ours = torch_keys.state_dict_from_params(riformer_jax.reparameterize(params), "mmpretrain")
   theirs = ref.numpy_state_dict(torch_model)
   assert set(ours) == set(theirs)
   for key in theirs:
@@ -75,7 +76,7 @@ def test_tiny_mmpretrain_riformer_with_custom_arch():
 def test_state_dict_round_trip_is_exact(fmt, factory, name, overrides):
   torch_model = ref.randomize_(factory(), seed=6)
   _, params = ref.load_into_flax(torch_model, name, fmt, **overrides)
-  back = state_dict.state_dict_from_params(params, fmt)
+  back = torch_keys.state_dict_from_params(params, fmt)
   original = ref.numpy_state_dict(torch_model)
   assert back.keys() == original.keys()
   for key, value in original.items():
@@ -90,8 +91,8 @@ def test_sail_keys_are_mmpretrain_keys_without_backbone_prefix():
   mm = ref.numpy_state_dict(ref.mmpretrain_poolformer("s12"))
   sail = {k.removeprefix("backbone.").replace("norm6.", "norm.").replace("head.fc.", "head."): v
           for k, v in mm.items()}
-  from_mm = state_dict.params_from_state_dict(mm, abstract, "mmpretrain")
-  from_sail = state_dict.params_from_state_dict(sail, abstract, "sail")
+  from_mm = torch_keys.params_from_state_dict(mm, abstract, "mmpretrain")
+  from_sail = torch_keys.params_from_state_dict(sail, abstract, "sail")
   assert jax.tree.all(jax.tree.map(np.array_equal, from_mm, from_sail))
 
 
@@ -101,15 +102,15 @@ def test_mismatched_state_dicts_name_the_problem():
   sd = ref.numpy_state_dict(ref.mmpretrain_riformer("s12"))
   missing = {k: v for k, v in sd.items() if k != "backbone.network.4.3.norm1.weight"}
   with pytest.raises(KeyError, match=r"missing \['backbone.network.4.3.norm1.weight'\]"):
-    state_dict.params_from_state_dict(missing, abstract, "mmpretrain")
+    torch_keys.params_from_state_dict(missing, abstract, "mmpretrain")
   with pytest.raises(KeyError, match="unexpected.*network.0.0.norm_reparam"):
-    state_dict.params_from_state_dict(
+    torch_keys.params_from_state_dict(
         {**sd, "backbone.network.0.0.norm_reparam.weight": np.ones(64)}, abstract, "mmpretrain")
   wrong = {**sd, "head.fc.weight": np.zeros((10, 512), np.float32)}
   with pytest.raises(ValueError, match=r"head.fc.weight: \(10, 512\) does not fit head/fc/kernel"):
-    state_dict.params_from_state_dict(wrong, abstract, "mmpretrain")
+    torch_keys.params_from_state_dict(wrong, abstract, "mmpretrain")
   with pytest.raises(KeyError, match="token_mixer/scale: no timm equivalent"):
-    state_dict.state_dict_from_params(
+    torch_keys.state_dict_from_params(
         riformer_jax.create_model("riformer_s12").init(
             jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"],
         "timm")

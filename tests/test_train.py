@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import riformer_jax
-from riformer_jax import pretrained, synthetic
+from riformer_jax.data import synthetic
+from riformer_jax.weights import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=2",
@@ -106,10 +107,10 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
   # What the evaluation fed the model, for export.py's manifest.
   config = json.loads((workdir / "config.json").read_text())
   for model in ("student", "deploy"):
-    manifest = pretrained.read_manifest(workdir / model)
-    assert manifest["preprocessing"] == pretrained.preprocessing_record(
+    manifest = store.read_manifest(workdir / model)
+    assert manifest["preprocessing"] == store.preprocessing_record(
         32, config["data"]["crop_pct"] or None)
-    # What the outputs mean, for riformer_jax.predict.
+    # What the outputs mean, for riformer_jax.deploy.predict.
     assert manifest["class_names"] == list(synthetic.CLASS_NAMES)
 
 
@@ -242,7 +243,7 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path):
   teacher = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 2, 1),
                                       dims=(8, 16, 24, 32), num_classes=10)
   params = teacher.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
-  pretrained.save_pretrained(tmp_path / "teacher", "poolformer_s12",
+  store.save_pretrained(tmp_path / "teacher", "poolformer_s12",
                              dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
                                   num_classes=10), params)
   code, output = run(tmp_path / "run", "--config.total_steps=4",

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 import riformer_jax
-from riformer_jax import counting, state_dict
+from riformer_jax.models import counting
+from riformer_jax.weights import torch_keys
 from conftest import relative_error
 
 
@@ -89,7 +90,7 @@ def load_into_flax(torch_model, name, fmt, **overrides):
   """Our model `name` and `torch_model`'s weights converted from its `fmt` state dict."""
   model = riformer_jax.create_model(name, **overrides)
   abstract = counting.abstract_variables(model, 64)["params"]
-  params = state_dict.params_from_state_dict(numpy_state_dict(torch_model), abstract, fmt)
+  params = torch_keys.params_from_state_dict(numpy_state_dict(torch_model), abstract, fmt)
   return model, params
 
 

@@ -1,0 +1,2 @@
+"""Deployment: export to ONNX/OpenVINO/LiteRT/jax.export, the hand-built ONNX graph,
+the runtimes that run the artifacts, and `predict`."""
