@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo edge roadmap test test-all summary clean
+.PHONY: demo edge roadmap check test test-all summary clean
 
 # The package itself goes in editable on top of the lock, for its commands
 # (riformer-predict, riformer-convert ...; pyproject.toml).
@@ -32,17 +32,21 @@ edge: demo
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The default suite (what CI runs): 40 minutes on a 2-core 2.6 GHz Intel Xeon (measured
-# 2026-12-02); about 16-18 on the 2-core AMD EPYC machines (15.5 measured before the
-# package and hub tests). A new .venv adds 2-3 minutes.
+# The fast tier for iterating (at most 3 minutes on 2 cores): the default suite less
+# the tests marked `heavy` (real training processes, edge runtimes, a fresh venv).
+check: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests -m "not slow and not heavy" $(PYTEST_ARGS)
+
+# The default suite (what CI runs, with --durations=25): at most 12 minutes on 2 cores
+# (BENCHMARKS.md, "Wall times", has the measured times). A new .venv adds 2-3 minutes.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # Also the slow tests: two training processes over loopback, SIGTERM resume, S12 and
 # PoolFormer-S12 in every edge runtime, a small bench_edge run, the bfloat16 and
 # per-layer benchmark runs, roadmap.py on an image folder.
 test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests -m "slow or not slow"
+	$(BIN)/python -m pytest -q tests -m "slow or not slow" $(PYTEST_ARGS)
 
 # Parameters and MACs of every registered model at 224 (no downloads).
 summary: $(BIN)/.installed

@@ -19,17 +19,16 @@ import os
 import sys
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from configs import demo as demo_configs
 import riformer_jax
-from riformer_jax.train import faults, runs
+from configs import demo as demo_configs
 from riformer_jax.data import pipeline, sources, synthetic
+from riformer_jax.train import faults, runs
 from riformer_jax.weights import pretrained
-
 
 TITLES = {
     "teacher": "PoolFormer teacher, cross-entropy",

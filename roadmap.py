@@ -20,9 +20,9 @@ import json
 import os
 import sys
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 
 from configs import demo as demo_configs
 from configs import roadmap_small

@@ -1,6 +1,6 @@
 """Trains a RIFormer the paper's way: one jitted, sharded step per global batch.
 
-  python train.py --config=configs/s12.py --workdir=runs/s12 \\
+  python train.py --config=configs/riformer.py:s12 --workdir=runs/s12 \\
       --config.data.data_dir=$TFDS_DATA \\
       --config.teachers.logit=ckpt/gfnet_h_b --config.teachers.feature=ckpt/poolformer_s12
 
@@ -16,8 +16,8 @@ What it writes: riformer_jax/train/trainer.py, the library this command line dri
 import os
 import sys
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from riformer_jax.train import faults, trainer

@@ -1,7 +1,7 @@
 """What every RIFormer config shares: the paper's final recipe (Table 10).
 
 Override any field from the command line, e.g.
-`python train.py --config=configs/s12.py --config.batch_size=256 --config.epochs=120`;
+`python train.py --config=configs/riformer.py:s12 --config.batch_size=256 --config.epochs=120`;
 a misspelt field is rejected with its name.
 """
 
@@ -20,6 +20,7 @@ _MI_LAMBDAS = {
     "m36": (1e-4, 1e-3, 1.0),
     "m48": (1e-4, 1e-3, 1.0),
 }
+SIZES = tuple(_MI_LAMBDAS)
 
 
 def term(weight, start_epoch=0, end_epoch=-1):

@@ -14,7 +14,7 @@ ROLE:
              (L_in', L_out for the first 2/3 of training, L_rel for the first 1/6,
              Table 10's S12 weights under configs/common.py's reading)
 
-Same recipe as configs/s12.py, scaled to a 2-core CPU: the 96 px embedded set,
+Same recipe as configs/riformer.py:s12, scaled to a 2-core CPU: the 96 px embedded set,
 depths (2, 2, 4, 2), no augmentation (flips and rotations change this set's classes,
 docs/data.md), batch 64. The teacher plays both roles (logit and feature teacher);
 the paper's GFNet-H-B logit teacher has no counterpart trained here.

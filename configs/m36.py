@@ -1,12 +1,7 @@
-"""RIFormer-M36: the paper's final recipe (Table 10), or with
-`configs/m36.py:ft384` the 384 fine-tuning recipe."""
+"""RIFormer-M36, `configs/riformer.py:m36` (`:ft384` here is `:m36_ft384` there)."""
 
-from configs import common
+from configs import riformer
 
 
 def get_config(arg=None):
-  if arg == "ft384":
-    return common.finetune_384_config("m36")
-  if arg:
-    raise ValueError(f"configs/m36.py: unknown argument {arg!r}; expected ft384")
-  return common.riformer_config("m36")
+  return riformer.get_config(f"m36_{arg}" if arg else "m36")

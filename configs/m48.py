@@ -1,12 +1,7 @@
-"""RIFormer-M48: the paper's final recipe (Table 10), or with
-`configs/m48.py:ft384` the 384 fine-tuning recipe."""
+"""RIFormer-M48, `configs/riformer.py:m48` (`:ft384` here is `:m48_ft384` there)."""
 
-from configs import common
+from configs import riformer
 
 
 def get_config(arg=None):
-  if arg == "ft384":
-    return common.finetune_384_config("m48")
-  if arg:
-    raise ValueError(f"configs/m48.py: unknown argument {arg!r}; expected ft384")
-  return common.riformer_config("m48")
+  return riformer.get_config(f"m48_{arg}" if arg else "m48")

@@ -1,12 +1,7 @@
-"""RIFormer-S12: the paper's final recipe (Table 10), or with
-`configs/s12.py:ft384` the 384 fine-tuning recipe."""
+"""RIFormer-S12, `configs/riformer.py:s12` (`:ft384` here is `:s12_ft384` there)."""
 
-from configs import common
+from configs import riformer
 
 
 def get_config(arg=None):
-  if arg == "ft384":
-    return common.finetune_384_config("s12")
-  if arg:
-    raise ValueError(f"configs/s12.py: unknown argument {arg!r}; expected ft384")
-  return common.riformer_config("s12")
+  return riformer.get_config(f"s12_{arg}" if arg else "s12")

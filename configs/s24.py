@@ -1,12 +1,7 @@
-"""RIFormer-S24: the paper's final recipe (Table 10), or with
-`configs/s24.py:ft384` the 384 fine-tuning recipe."""
+"""RIFormer-S24, `configs/riformer.py:s24` (`:ft384` here is `:s24_ft384` there)."""
 
-from configs import common
+from configs import riformer
 
 
 def get_config(arg=None):
-  if arg == "ft384":
-    return common.finetune_384_config("s24")
-  if arg:
-    raise ValueError(f"configs/s24.py: unknown argument {arg!r}; expected ft384")
-  return common.riformer_config("s24")
+  return riformer.get_config(f"s24_{arg}" if arg else "s24")

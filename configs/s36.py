@@ -1,12 +1,7 @@
-"""RIFormer-S36: the paper's final recipe (Table 10), or with
-`configs/s36.py:ft384` the 384 fine-tuning recipe."""
+"""RIFormer-S36, `configs/riformer.py:s36` (`:ft384` here is `:s36_ft384` there)."""
 
-from configs import common
+from configs import riformer
 
 
 def get_config(arg=None):
-  if arg == "ft384":
-    return common.finetune_384_config("s36")
-  if arg:
-    raise ValueError(f"configs/s36.py: unknown argument {arg!r}; expected ft384")
-  return common.riformer_config("s36")
+  return riformer.get_config(f"s36_{arg}" if arg else "s36")

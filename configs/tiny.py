@@ -4,7 +4,7 @@
   python train.py --config=configs/tiny.py:with_teacher --workdir=/tmp/tiny_kd \\
       --config.teachers.feature=DIR   # a PoolFormer of the same tiny shape
 
-Same recipe structure as configs/s12.py, scaled down like configs/demo.py (the
+Same recipe structure as configs/riformer.py:s12, scaled down like configs/demo.py (the
 embedded set's 96x96 images, no augmentation: flips, aspect-changing crops and
 rotations would change its classes, docs/data.md), with depths (1, 1, 2, 1).
 """

@@ -5,9 +5,10 @@ import math
 
 import numpy as np
 
-import torch_reference  # noqa: F401  (makes timm importable)
-from riformer_jax.data import augment
 from riformer_jax.bench import input as bench_input
+from riformer_jax.data import augment
+
+import torch_reference  # noqa: F401  (makes timm importable)
 
 
 def test_ours_next_to_timm_in_one_run(tmp_path, capsys):

@@ -72,7 +72,13 @@ def test_restore_skips_broken_checkpoints_newest_first(tmp_path):
   np.testing.assert_array_equal(restored["w"], np.full((4, 3), 1.0))
   assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["2", "3"]
   assert checkpoints.latest.all_steps() == [1]
-  checkpoints.save(2, state(2))  # the step can be saved again
+  # The step set aside can be saved again, and that new copy is what restores.
+  checkpoints.save(2, state(7))
+  checkpoints.wait()
+  assert checkpoints.latest.all_steps() == [1, 2]
+  restored, step = checkpoints.restore(abstract())
+  assert step == 2 and int(restored["step"]) == 7
+  np.testing.assert_array_equal(restored["w"], np.full((4, 3), 7.0))
   checkpoints.close()
 
 

@@ -16,6 +16,7 @@ ROADMAP_ROWS = ["pool_ce", "identity_ce", "identity_label_hard", "identity_hard"
                 "mi_f80_r10_l6", "mi_f80_r20_l4", "mi_f80_r20_l4_init"]
 CONFIGS = ([(size, None) for size in ("s12", "s24", "s36", "m36", "m48")] +
            [(size, "ft384") for size in ("s12", "m48")] +
+           [("riformer", arg) for arg in ("s24", "m36_ft384")] +
            [("roadmap", row) for row in ROADMAP_ROWS] +
            [("roadmap_small", row) for row in ROADMAP_ROWS] +
            [("demo", role) for role in ("teacher", "ce", "distilled")] +
@@ -33,6 +34,18 @@ def test_config_is_consistent(name, arg):
     stage, index = (int(part.split("_")[1]) for part in block.split("/"))
     assert index < depths[stage], block
   assert config.batch_size % 16 == 0 and model.num_classes == config.model.num_classes
+
+
+def test_one_riformer_config_file_under_the_old_names_too():
+  riformer = importlib.import_module("configs.riformer")
+  for size in ("s12", "s24", "s36", "m36", "m48"):
+    old = importlib.import_module(f"configs.{size}")
+    assert old.get_config() == riformer.get_config(size)
+    assert old.get_config("ft384") == riformer.get_config(f"{size}_ft384")
+    assert riformer.get_config(size).model_name == f"riformer_{size}"
+  assert riformer.get_config("m48_ft384").resolution == 384
+  with pytest.raises(ValueError, match=r"unknown argument 's13'; expected one of"):
+    riformer.get_config("s13")
 
 
 def test_roadmap_rows_follow_the_paper():
@@ -75,8 +88,7 @@ def test_demo_roles_differ_only_where_the_paper_says():
 def test_module_imitation_keeps_table_10_and_names_its_reading(size):
   """The configs hold Table 10's "lambda x batch_size" as printed and read it as the
   weight of our mean-reduced terms (docs/roadmap.md); each other reading is one
-  override away, and train.py applies it to the module-imitation terms only."""
-  train = importlib.import_module("train")
+  override away, and the trainer applies it to the module-imitation terms only."""
   config = importlib.import_module(f"configs.{size}").get_config()
   table = {"s12": (1e-4, 1e-3, 1.0), "s24": (3e-4, 5e-3, 4.0), "m48": (1e-4, 1e-3, 1.0)}
   mi = ("mi_in", "mi_out", "mi_rel")

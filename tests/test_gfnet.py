@@ -12,8 +12,9 @@ from flax import traverse_util
 import riformer_jax
 from riformer_jax.models import counting, gfnet
 from riformer_jax.weights import torch_keys
-from conftest import relative_error
+
 import torch_gfnet as ref
+from conftest import relative_error
 
 torch.set_num_threads(2)
 

@@ -291,7 +291,7 @@ def test_unknown_or_unprepared_tfds(tmp_path):
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert os.path.join(str(tmp_path), "downloads", "manual") in message
-  assert "python -m riformer_jax.input_pipeline prepare imagenet2012" in message
+  assert "python -m riformer_jax.data.sources prepare imagenet2012" in message
 
 
 def _tar(path, members):

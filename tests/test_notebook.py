@@ -13,7 +13,9 @@ import pytest
 import safetensors.numpy
 
 import riformer_jax
-from riformer_jax.weights import store, torch_keys as state_dict_lib
+from riformer_jax.weights import store, torch_keys
+
+pytestmark = pytest.mark.heavy  # a notebook kernel: not in `make check`
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "param_surgery.ipynb"
@@ -66,7 +68,7 @@ def executed(tmp_path_factory):
   notebook) and a tiny trained-RIFormer directory with its deploy form."""
   tmp = tmp_path_factory.mktemp("notebook")
   teacher = tmp / "poolformer_s12.safetensors"
-  safetensors.numpy.save_file(state_dict_lib.state_dict_from_params(
+  safetensors.numpy.save_file(torch_keys.state_dict_from_params(
       random_params("poolformer_s12", 0, num_classes=10), "mmpretrain"), str(teacher))
   student = random_params("riformer_s12", 1, **TINY)
   store.save_pretrained(tmp / "student", "riformer_s12", TINY, student)

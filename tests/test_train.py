@@ -1,7 +1,8 @@
 """train.py end to end on the embedded data set: what a user watches, resume after
 SIGTERM and kill -9, FSDP, teachers, and every fault a run meets (divergence, corrupt
-checkpoints, a changed config, an unreadable teacher, a misspelt override). Each run
-is a real process, as a user starts it."""
+checkpoints, a changed config, an unreadable teacher, a misspelt override). Runs whose
+claim is the process (signals, resume, the command line's messages) are real
+processes, as a user starts them; the rest call the trainer in this process."""
 
 import contextlib
 import json
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -21,11 +23,18 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import riformer_jax
+from configs import tiny
+from conftest import randomize
 from riformer_jax.data import synthetic
+from riformer_jax.models import surgery
+from riformer_jax.train import distill, faults, trainer
 from riformer_jax.weights import store
 
+pytestmark = pytest.mark.heavy  # real training processes: not in `make check`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=2",
+# Every 4 steps: checkpoints at 4, 8 and 12 (each save costs about 2 s here).
+SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
          "--config.resolution=32", "--config.batch_size=32",
          "--config.model.dims=(8, 16, 24, 32)"]
 
@@ -44,8 +53,9 @@ def run(workdir, *overrides, **kwargs):
 
 
 def interrupt(workdir, sig, *overrides):
-  """Starts a run and sends `sig` once its first checkpoint is on disk."""
-  process = start(workdir, *overrides)
+  """Starts a run that saves every 2 steps and sends `sig` once its first checkpoint
+  is on disk (well before the run ends)."""
+  process = start(workdir, "--config.checkpoint_every_steps=2", *overrides)
   checkpoints = os.path.join(workdir, "checkpoints")
   while not (os.path.isdir(checkpoints) and
              any(name.isdigit() for name in os.listdir(checkpoints))):
@@ -96,14 +106,32 @@ def straight(tmp_path_factory):
   return workdir, output
 
 
+def tiny_config(**changes):
+  """configs/tiny.py with test_train's SHORT overrides, for runs in this process."""
+  config = tiny.get_config()
+  config.total_steps, config.checkpoint_every_steps = 12, 4
+  config.resolution, config.batch_size, config.model.dims = 32, 32, (8, 16, 24, 32)
+  for field, value in changes.items():
+    node = config
+    *parents, leaf = field.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def test_straight_run_reports_student_and_deploy_alike(straight):
   workdir, output = straight
   assert "deploy/top1" in output
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   final = json.loads(lines[-1])
   assert final["step"] == 12 and final["student/top1"] == final["deploy/top1"]
+  # What deploy/ holds is the fold of what student/ holds (the evaluation that agrees
+  # above is tested away from chance below).
+  student, trained = riformer_jax.load_pretrained(workdir / "student")
   deploy, variables = riformer_jax.load_pretrained(workdir / "deploy")
   assert deploy.deploy and "norm_reparam" in variables["params"]["stages_0"]["blocks_0"]
+  assert_same_tree(variables["params"], riformer_jax.reparameterize(trained["params"]))
   # What the evaluation fed the model, for export.py's manifest.
   config = json.loads((workdir / "config.json").read_text())
   for model in ("student", "deploy"):
@@ -112,6 +140,32 @@ def test_straight_run_reports_student_and_deploy_alike(straight):
         32, config["data"]["crop_pct"] or None)
     # What the outputs mean, for riformer_jax.deploy.predict.
     assert manifest["class_names"] == list(synthetic.CLASS_NAMES)
+
+
+def test_the_deploy_evaluation_agrees_with_the_student_away_from_chance():
+  """The trainer's evaluation of the deploy form, on params far from their init and
+  labels the student gets exactly half right: the same counts, top-1 and top-5. A
+  12-step run sits at chance with layer scales of 1e-5, where any fold agrees."""
+  config = tiny_config()
+  student, deploy = trainer.build_student(config)
+  # Each image its own colour (noise alone pools to the same features everywhere).
+  images = (2 * jax.random.normal(jax.random.key(0), (64, 1, 1, 3))
+            + jax.random.normal(jax.random.key(3), (64, 32, 32, 3)))
+  params = randomize(student.init(jax.random.key(1), images[:1])["params"], 2)
+  head = params["head"]  # no head biases: they would pick one class for every image
+  params["head"] = {"fc": dict(head["fc"], bias=0 * head["fc"]["bias"]),
+                    "norm": dict(head["norm"], bias=0 * head["norm"]["bias"])}
+  predicted = np.argmax(student.apply({"params": params}, images), -1)
+  assert len(set(predicted.tolist())) >= 3  # not one class for every image
+  labels = np.where(np.arange(64) % 2 == 0, predicted, (predicted + 1) % 10)
+  batch = {"image": images, "label": labels, "mask": np.ones(64, bool)}
+  state = distill.TrainState(step=0, params=params, opt_state=None)
+  fns = trainer.eval_functions(config, student, deploy)
+  with mock.patch.object(surgery, "reparameterize", wraps=surgery.reparameterize) as fold:
+    counts = {name: np.asarray(fn(state, batch)) for name, fn in fns.items()}
+  fold.assert_called_once()  # the deploy row runs the folded params, traced once
+  assert counts["student"][0] == 32 and counts["student"][2] == 64
+  np.testing.assert_array_equal(counts["deploy"], counts["student"])
 
 
 def test_a_run_shows_progress_and_writes_tensorboard_and_its_config(straight):
@@ -175,6 +229,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(straight, tmp_path, sig):
   assert_same_tree(saved_state(tmp_path, 12), saved_state(straight[0], 12))
 
 
+@pytest.mark.slow  # FSDP's results: test_distill's fsdp test; resume: the SIGKILL one
 def test_fsdp_run_resumes_from_a_sharded_checkpoint(straight, tmp_path):
   code, _ = interrupt(tmp_path, signal.SIGKILL, "--config.fsdp=True")
   assert code == -signal.SIGKILL
@@ -206,15 +261,15 @@ def test_a_diverging_run_stops_before_saving_non_finite_values(tmp_path):
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, tmp_path):
   shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
   shutil.rmtree(tmp_path / "student")
-  # Step 12 with truncated array files, step 10 with broken metadata.
+  # Step 12 with truncated array files, step 8 with broken metadata.
   for data in (tmp_path / "checkpoints" / "12").rglob("d/*"):
     data.write_bytes(data.read_bytes()[:50])
-  (tmp_path / "checkpoints" / "10" / "default" / "_METADATA").write_text("{")
+  (tmp_path / "checkpoints" / "8" / "default" / "_METADATA").write_text("{")
   code, output = run(tmp_path, "--config.log_every_steps=4")
   assert code == 0 and "Traceback" not in output, output
   assert "checkpoint step 12 does not restore" in output
-  assert "checkpoint step 10 does not restore" in output
-  assert resumed_step(output) == 8
+  assert "checkpoint step 8 does not restore" in output
+  assert resumed_step(output) == 4
   assert (tmp_path / "corrupt_checkpoints" / "12").is_dir()  # kept for a post-mortem
   assert_same_tree(final_params(tmp_path), final_params(straight[0]))
 
@@ -224,7 +279,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, 
   code, output = run(tmp_path)
   assert code != 0 and "Traceback" not in output, output
   assert f"no checkpoint in {tmp_path}/checkpoints restores" in output
-  assert checkpoint_steps(tmp_path) == [8, 10, 12]
+  assert checkpoint_steps(tmp_path) == [4, 8, 12]
 
 
 def test_resuming_with_another_config_is_refused_before_compiling(straight, tmp_path):
@@ -280,17 +335,37 @@ def test_bad_configuration_is_named(tmp_path):
   assert "--config.model.dims" in output and "expected a tuple of int" in output
   code, output = run(tmp_path, "--config.lr=fast")
   assert code != 0 and "Traceback" not in output and "--config.lr=fast" in output
-  code, output = run(tmp_path, "--config.distill.mi_reading=sum")
-  assert code != 0 and "Traceback" not in output
-  assert "config.distill.mi_reading='sum': expected one of" in output
-  code, output = run(tmp_path, f"--config.teachers.logit={tmp_path / 'nowhere'}")
-  assert code != 0 and "config.teachers.logit" in output and "convert.py" in output
-  code, output = run(tmp_path, f"--config.init_from={tmp_path}")  # no manifest
-  assert code != 0 and "Traceback" not in output and "config.init_from" in output
-  code, output = run(tmp_path, "--config.data.dataset=imagenet2012",
-                     f"--config.data.data_dir={tmp_path}")
-  assert code != 0 and "ILSVRC2012_img_train.tar" in output
-  assert "input_pipeline prepare imagenet2012" in output
+  # A RunError is what train.py prints as its one line (main); these come from the
+  # trainer, so they are checked in this process.
+  def fault(**changes):
+    with pytest.raises(faults.RunError) as error:
+      trainer.train_and_evaluate(tiny_config(**changes), str(tmp_path / "faults"))
+    return str(error.value)
+  assert "config.distill.mi_reading='sum': expected one of" in fault(
+      **{"distill.mi_reading": "sum"})
+  message = fault(**{"teachers.logit": str(tmp_path / "nowhere")})
+  assert "config.teachers.logit" in message and "convert.py" in message
+  assert "config.init_from" in fault(init_from=str(tmp_path))  # no manifest
+  message = fault(**{"data.dataset": "imagenet2012", "data.data_dir": str(tmp_path)})
+  assert "ILSVRC2012_img_train.tar" in message
+  assert "riformer_jax.data.sources prepare imagenet2012" in message
+
+
+def test_uint8_batches_with_erasing_train_end_to_end(straight, tmp_path):
+  """The paper's recipe has random erasing; with uint8 batches it runs in the step.
+  The run finishes, and erasing changed what it trained on (the same seed without
+  erasing is the straight run)."""
+  config = tiny_config(log_every_steps=4, **{"aug.re_prob": 0.5})
+  assert config.data.uint8_batches
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert final["student/top1"] == final["deploy/top1"]
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  plain = [json.loads(line) for line in
+           (straight[0] / "metrics.jsonl").read_text().splitlines()]
+  loss = {m["step"]: m["loss/total"] for m in logged if "loss/total" in m}
+  plain_loss = {m["step"]: m["loss/total"] for m in plain if "loss/total" in m}
+  assert all(np.isfinite(v) for v in loss.values()) and set(loss) == set(plain_loss)
+  assert all(loss[step] != plain_loss[step] for step in loss)
 
 
 @pytest.mark.slow

@@ -45,8 +45,8 @@ _SPEC_FIELDS = ("model", "runtime", "precision", "batch")
 
 def _torch_original(family, size):
   """MMPreTrain's deploy RIFormer or timm's PoolFormer, 1000 classes."""
-  from riformer_jax.bench import torch_models as bench_torch  # noqa: PLC0415
   from riformer_jax import models  # noqa: PLC0415
+  from riformer_jax.bench import torch_models as bench_torch  # noqa: PLC0415
 
   if family == "riformer":
     kwargs = models.model_kwargs(f"riformer_{size}")
@@ -147,6 +147,7 @@ class Workers:
 def _export_all(workdir, size, resolution, batches, calibration_images, log):
   """Exports the four models at each batch; returns `{(model, batch): prefix}`."""
   import jax  # noqa: PLC0415
+
   from riformer_jax import models  # noqa: PLC0415
 
   sources = {}

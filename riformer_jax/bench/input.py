@@ -112,9 +112,10 @@ def _ours(root, names, threads, batch_size, size):
 def _timm(root, names, batch_size, size):
   """{row: a function producing one collated batch} of timm's transforms on PIL."""
   import torch  # pylint: disable=g-import-not-at-top
-  import riformer_jax.bench.torch_models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from timm.data import auto_augment, create_transform  # pylint: disable=g-import-not-at-top
+
+  import riformer_jax.bench.torch_models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   torch.set_num_threads(1)
   posterize = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
 
@@ -268,6 +269,7 @@ def breakdown(root, size=224, repeats=200):
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from riformer_jax.data import augment, decode, pipeline  # pylint: disable=g-import-not-at-top
   from riformer_jax.train import mixup  # pylint: disable=g-import-not-at-top
   paths = sorted(glob.glob(os.path.join(root, "train", "*", "*.jpg")))

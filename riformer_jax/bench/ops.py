@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 import riformer_jax
-from riformer_jax.bench import throughput, torch_models as bench_torch
-from riformer_jax.models import metaformer
 from riformer_jax import models
+from riformer_jax.bench import throughput
+from riformer_jax.bench import torch_models as bench_torch
+from riformer_jax.models import metaformer
 
 
 def _conv(features, kernel, stride, padding):

@@ -10,7 +10,7 @@ One run measures, side by side on one machine:
 - inference images/s of PoolFormer, IdentityFormer, RIFormer at training time, RIFormer
   in deploy form (`reparameterize`) and with the fused deploy block, for each size, and
   the ratios deploy/PoolFormer and fused/deploy;
-- the same architectures in PyTorch where torch is importable (`bench_torch`): timm's
+- the same architectures in PyTorch where torch is importable (`torch_models`): timm's
   PoolFormer v1 and MMPreTrain's deploy RIFormer on our deploy weights, eager and
   `torch.compile`d, in float32 and the accelerator's half precision;
 - training images/s of `distill.Distiller.train_step` with CE only, with soft KD from
@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import riformer_jax
+from riformer_jax import models
 from riformer_jax.models import counting
 from riformer_jax.train import distill, losses, optim
-from riformer_jax import models
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
 FORMS = ("poolformer", "identityformer", "riformer", "deploy", "fused")

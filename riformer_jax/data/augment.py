@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from riformer_jax.data import imagenet
+
 # timm fills the uncovered area of geometric operations with the mean colour.
 FILL = tuple(min(255, round(255 * m)) for m in imagenet.MEAN)  # (124, 116, 104)
 
@@ -702,7 +703,7 @@ class TrainAugment(NamedTuple):
   # within a level of timm's crop but twice the cost of one float pass (docs/data.md).
   exact_resize: bool = False
   # Decode JPEG crops of at least twice `size` at 1/2, 1/4 or 1/8 scale (libjpeg's
-  # DCT scaling; input_pipeline.decode_image). Off by default: pixels differ a little
+  # DCT scaling; decode.decode_image). Off by default: pixels differ a little
   # from timm's full decode, and ImageNet's ~400x350 images rarely give such crops.
   reduced_dct: bool = False
 

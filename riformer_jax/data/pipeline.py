@@ -30,7 +30,6 @@ import tensorflow as tf
 
 from riformer_jax.data import augment, imagenet, sources
 
-
 _MAX_INDEX = 2**62
 
 

@@ -33,7 +33,6 @@ import tensorflow as tf
 
 from riformer_jax.data import decode, synthetic
 
-
 log = logging.getLogger(__name__)
 
 
@@ -243,7 +242,7 @@ def manual_download_help(name, data_dir=None):
   else:
     files = "the files its TFDS page lists"
   return (f"TFDS data set {name!r} is not prepared in {data_dir!r}. Put {files} in "
-          f"{manual}/ and run once:\n  python -m riformer_jax.input_pipeline prepare "
+          f"{manual}/ and run once:\n  python -m riformer_jax.data.sources prepare "
           f"{name} --data_dir={data_dir}\n(or `tfds build {name} --data_dir={data_dir} "
           f"--file_format=array_record`, which needs apache-beam)")
 

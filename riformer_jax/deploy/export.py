@@ -97,7 +97,7 @@ def inference_function(module, params, layout="NHWC", preprocess=None):
   variables = {"params": params}
 
   def forward(images):
-    if preprocess:  # (x / 255 - mean) / std, as input_pipeline.eval_preprocess
+    if preprocess:  # (x / 255 - mean) / std, as pipeline.eval_preprocess
       shape = (3,) if layout == "NHWC" else (3, 1, 1)
       mean, std = (jnp.reshape(jnp.asarray(v, jnp.float32), shape) for v in preprocess)
       images = (images.astype(jnp.float32) / 255.0 - mean) / std
@@ -393,7 +393,7 @@ def main(argv=None):
   parser.add_argument("--int8", action="store_true",
                       help="also int8 onnx and openvino, calibrated on --calibration_*")
   parser.add_argument("--calibration_dataset", default="synthetic",
-                      help="any data set input_pipeline reads (default: the embedded one)")
+                      help="any data set riformer_jax.data.sources reads (default: the embedded one)")
   parser.add_argument("--calibration_split", default="train")
   parser.add_argument("--calibration_images", type=int, default=128)
   parser.add_argument("--data_dir", default=None)

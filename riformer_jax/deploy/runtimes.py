@@ -7,7 +7,7 @@ float32 and int8 artifacts on the evaluation split (preprocessed by the project'
 evaluation pipeline as the manifest says) and how often their top-1 agree.
 
 `load(path, runtime, threads)` returns `images -> logits` for one artifact; each
-runtime is imported only when asked for (`bench_edge` runs each in its own process).
+runtime is imported only when asked for (`riformer_jax.bench.edge` runs each in its own process).
 """
 
 import argparse

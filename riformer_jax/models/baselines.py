@@ -31,7 +31,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from riformer_jax.models.metaformer import MetaFormerStage, Pooling, check_stages_and_rates, drop_path, stagewise_drop_path_rates, weight_init
+from riformer_jax.models.metaformer import (
+  MetaFormerStage,
+  Pooling,
+  check_stages_and_rates,
+  drop_path,
+  stagewise_drop_path_rates,
+  weight_init,
+)
 
 TOKEN_MIXERS = ("pooling", "sepconv", "attention")
 NORMS = ("groupnorm", "layernorm")

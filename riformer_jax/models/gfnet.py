@@ -83,7 +83,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from riformer_jax.models.metaformer import Mlp, drop_path, stagewise_drop_path_rates, weight_init
+from riformer_jax.models.metaformer import (
+  Mlp,
+  drop_path,
+  stagewise_drop_path_rates,
+  weight_init,
+)
 
 # Constructor kwargs of the released models, as `main_gfnet.py` builds them (training
 # drop-path rates included; GFNet-Ti/XS pass none, so 0). Exact parameter counts at 224

@@ -6,8 +6,8 @@
 
 import argparse
 
-from riformer_jax.models import counting
 from riformer_jax import models
+from riformer_jax.models import counting
 
 
 def summary_rows(names, resolution=224, num_classes=1000):

@@ -27,7 +27,6 @@ import optax
 from riformer_jax.data import imagenet
 from riformer_jax.train import losses, mixup, optim
 
-
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 
 

@@ -13,10 +13,10 @@ import re
 import sys
 
 import flax
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 
 class RunError(Exception):

@@ -20,7 +20,7 @@ own box, partners within the group). timm draws one lambda per process, so
 with the device shards also keep the partner exchange inside each device.
 
 `finish_batch` is the end of the per-image recipe for uint8 batches
-(`input_pipeline.train_batches(uint8=True)`): normalisation and random erasing, the
+(`pipeline.train_batches(uint8=True)`): normalisation and random erasing, the
 two steps timm runs after ToTensor, moved next to the mixing so that the hosts ship
 a quarter of the bytes and skip their costliest float work.
 """

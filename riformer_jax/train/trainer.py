@@ -26,8 +26,15 @@ import riformer_jax
 from riformer_jax import models
 from riformer_jax.data import augment, pipeline, sources
 from riformer_jax.models import surgery
-from riformer_jax.train import checkpointing, distill, faults, losses, optim, parallel
-from riformer_jax.train import reporting
+from riformer_jax.train import (
+  checkpointing,
+  distill,
+  faults,
+  losses,
+  optim,
+  parallel,
+  reporting,
+)
 from riformer_jax.weights import pretrained, store
 
 # What the non-finite watch checks on every update.

@@ -22,10 +22,9 @@ Load a converted directory with `riformer_jax.load_pretrained(DIR)`.
 import argparse
 import sys
 
-from riformer_jax.models import counting
-from riformer_jax.weights import hub
 from riformer_jax import list_models
-from riformer_jax.weights import pretrained, torch_io, torch_keys as state_dict_lib
+from riformer_jax.models import counting
+from riformer_jax.weights import hub, pretrained, torch_io, torch_keys
 
 
 def parse_args(argv):
@@ -44,7 +43,7 @@ def parse_args(argv):
                       help="expected sha256 of a URL's download (default: the hex prefix "
                       "in the file name, torch.hub's convention, where there is one)")
   parser.add_argument("--format", default="auto",
-                      choices=("auto",) + state_dict_lib.FORMATS,
+                      choices=("auto",) + torch_keys.FORMATS,
                       help="key layout of --src (default: detected from the keys)")
   parser.add_argument("--num-classes", type=int,
                       help="replace the classifier by a new one with this many outputs")
