@@ -7,7 +7,7 @@ a misspelt field is rejected with its name.
 
 import ml_collections
 
-from riformer_jax import models
+from riformer_jax.models import registry
 
 # Table 10, "lambda x batch_size" for (L_in', L_out, L_rel), kept as printed: the
 # module-imitation weights in config.losses are these values, and
@@ -100,7 +100,7 @@ def riformer_config(size):
   ))
   config.distill = ml_collections.ConfigDict(dict(
       temperature=1.0,
-      mi_blocks=last_block_of_each_stage(models.model_kwargs(config.model_name)["depths"]),
+      mi_blocks=last_block_of_each_stage(registry.model_kwargs(config.model_name)["depths"]),
       # How losses.mi_* (Table 10's values) weigh our mean-reduced terms: "value" (the
       # value is the weight), "times_batch" (value x mi_batch) or "per_batch" (value /
       # mi_batch). "value" is the reading that worked in docs/roadmap.md's study (3

@@ -45,11 +45,11 @@ _SPEC_FIELDS = ("model", "runtime", "precision", "batch")
 
 def _torch_original(family, size):
   """MMPreTrain's deploy RIFormer or timm's PoolFormer, 1000 classes."""
-  from riformer_jax import models  # noqa: PLC0415
   from riformer_jax.bench import torch_models as bench_torch  # noqa: PLC0415
+  from riformer_jax.models import registry  # noqa: PLC0415
 
   if family == "riformer":
-    kwargs = models.model_kwargs(f"riformer_{size}")
+    kwargs = registry.model_kwargs(f"riformer_{size}")
     return bench_torch.riformer_deploy(kwargs["depths"], kwargs["dims"], 1000,
                                        kwargs["layer_scale_init_value"])
   return bench_torch.timm_poolformer(size, 1000)
@@ -148,7 +148,7 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
   """Exports the four models at each batch; returns `{(model, batch): prefix}`."""
   import jax  # noqa: PLC0415
 
-  from riformer_jax import models  # noqa: PLC0415
+  from riformer_jax.models import registry  # noqa: PLC0415
 
   sources = {}
   for label, name, kwargs in (("RIFormer (deploy)", f"riformer_{size}", {"deploy": True}),
@@ -157,7 +157,7 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
     if os.path.exists(os.path.join(workdir, name, store.MANIFEST)):
       sources[label] = os.path.join(workdir, name)
       continue
-    module = models.create_model(name, **kwargs)
+    module = registry.create_model(name, **kwargs)
     params = module.init(jax.random.key(0), np.zeros((1, resolution, resolution, 3),
                                                      np.float32))["params"]
     sources[label] = store.save_pretrained(

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 import riformer_jax
-from riformer_jax import models
 from riformer_jax.bench import throughput
 from riformer_jax.bench import torch_models as bench_torch
-from riformer_jax.models import metaformer
+from riformer_jax.models import metaformer, registry
 
 
 def _conv(features, kernel, stride, padding):
@@ -43,7 +42,7 @@ def _conv(features, kernel, stride, padding):
 def deploy_parts(size, batch, resolution):
   """`[(name, times per image, NHWC input shape, jax (module, variables, kwargs),
   torch module)]` for RIFormer-`size` in deploy form, with one set of random weights."""
-  full = models.create_model(f"riformer_{size}", deploy=True)
+  full = registry.create_model(f"riformer_{size}", deploy=True)
   one_block = dict(depths=(1,) * len(full.depths))
   params = throughput.param_source(one_block, resolution)(f"riformer_{size}")
   params = riformer_jax.reparameterize(params)

@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import riformer_jax
-from riformer_jax import models
-from riformer_jax.models import counting
+from riformer_jax.models import counting, registry
 from riformer_jax.train import distill, losses, optim
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
@@ -140,7 +139,7 @@ def relation_macs(model, resolution, blocks):
 
 def _overrides_for(name, overrides, resolution):
   """`overrides`, plus `img_size` for the GFNets (their filters fit one resolution)."""
-  if hasattr(models.registry_class(name), "img_size"):
+  if hasattr(registry.registry_class(name), "img_size"):
     return dict(overrides, img_size=resolution)
   return overrides
 
@@ -152,7 +151,7 @@ def param_source(overrides, resolution):
   XLA compiles it in a third of threefry's time on a CPU, the values do not matter."""
   @functools.cache
   def params(name):
-    model = models.create_model(name, **_overrides_for(name, overrides, resolution))
+    model = registry.create_model(name, **_overrides_for(name, overrides, resolution))
     images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
     return jax.jit(model.init)(jax.random.key(0, impl="rbg"), images)["params"]
   return params
@@ -165,7 +164,7 @@ def _forward(model, params, images):
 def _form_model(form, size, overrides, dtype):
   family = "riformer" if form in ("deploy", "fused") else form
   extra = {"deploy": dict(deploy=True), "fused": dict(deploy=True, fused=True)}
-  return models.create_model(f"{family}_{size}", dtype=dtype, **overrides,
+  return registry.create_model(f"{family}_{size}", dtype=dtype, **overrides,
                              **extra.get(form, {}))
 
 
@@ -222,7 +221,7 @@ def torch_inference(args, overrides, params):
   bench_torch.configure(args.torch_threads)
   rows, thunks = [], {}
   for size in args.sizes:
-    ours = models.create_model(f"riformer_{size}", **overrides)
+    ours = registry.create_model(f"riformer_{size}", **overrides)
     shape = ({"depths": ours.depths, "dims": ours.dims}
              if {"depths", "dims"} & set(overrides) else {})
     factories = {
@@ -258,13 +257,13 @@ def training(args, overrides, params):
   batch, resolution = args.train_batch, args.resolution
 
   def teacher(name):
-    module = models.create_model(name, dtype=dtype,
+    module = registry.create_model(name, dtype=dtype,
                                  **_overrides_for(name, overrides, resolution))
     return distill.Teacher(module, {"params": params(name)})
 
   rows, thunks = [], {}
   for size in args.sizes:
-    student = models.create_model(f"riformer_{size}", dtype=dtype, drop_path_rate=0.1,
+    student = registry.create_model(f"riformer_{size}", dtype=dtype, drop_path_rate=0.1,
                                   **overrides)
     student_macs = counting.count_macs(student, resolution)
     # configs/common.py's default: module imitation on the last block of each stage.

@@ -6,19 +6,18 @@
 
 import argparse
 
-from riformer_jax import models
-from riformer_jax.models import counting
+from riformer_jax.models import counting, registry
 
 
 def summary_rows(names, resolution=224, num_classes=1000):
   """(name, form, params, MACs) for each model; RIFormers in both forms."""
   rows = []
   for name in names:
-    has_deploy_form = models.model_kwargs(name).get("token_mixer") == "affine"
+    has_deploy_form = registry.model_kwargs(name).get("token_mixer") == "affine"
     forms = [("train", {}), ("deploy", {"deploy": True})] if has_deploy_form else [("", {})]
     for form, deploy in forms:
       overrides = {"num_classes": num_classes, **deploy}
-      model = models.create_model(name, **overrides)
+      model = registry.create_model(name, **overrides)
       params = counting.count_params(counting.abstract_variables(model, resolution))
       rows.append((name, form, params, counting.count_macs(model, resolution)))
   return rows
@@ -30,10 +29,10 @@ def main(argv=None):
   parser.add_argument("--resolution", type=int, default=224)
   parser.add_argument("--num-classes", type=int, default=1000)
   args = parser.parse_args(argv)
-  names = args.names or models.list_models()
+  names = args.names or registry.list_models()
   for name in names:
-    if name not in models.list_models():
-      parser.error(f"unknown model {name!r}; available: {', '.join(models.list_models())}")
+    if name not in registry.list_models():
+      parser.error(f"unknown model {name!r}; available: {', '.join(registry.list_models())}")
 
   print(f"{'model':<20} {'form':<7} {'params':>12} {'GMACs@' + str(args.resolution):>11}")
   for name, form, params, macs in summary_rows(names, args.resolution, args.num_classes):

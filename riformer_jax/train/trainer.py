@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import riformer_jax
-from riformer_jax import models
 from riformer_jax.data import augment, pipeline, sources
-from riformer_jax.models import surgery
+from riformer_jax.models import registry, surgery
 from riformer_jax.train import (
   checkpointing,
   distill,
@@ -108,7 +106,7 @@ def student_params(config, student, teachers):
   images = jnp.zeros((1, config.resolution, config.resolution, 3))
   params = jax.jit(student.init)(jax.random.key(config.seed), images)["params"]
   if config.teachers.init_from_feature and teachers["feature"] is not None:
-    params, report = riformer_jax.init_student_from_teacher(
+    params, report = surgery.init_student_from_teacher(
         params, teachers["feature"].variables["params"])
     print(f"student initialised from the feature teacher; its own init kept for "
           f"{len(report.left)} params ({', '.join(report.left[:4])}, ...)", flush=True)
@@ -241,9 +239,9 @@ def announce_module_imitation(config):
 def build_student(config):
   """(student, its deploy form or None): only an affine-mixer student has one."""
   dtype = jnp.dtype(config.compute_dtype)
-  student = models.create_model(config.model_name, **config.model, dtype=dtype,
+  student = registry.create_model(config.model_name, **config.model, dtype=dtype,
                                 remat=config.remat)
-  deploy = (models.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
+  deploy = (registry.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
             if getattr(student, "token_mixer", None) == "affine" else None)
   return student, deploy
 

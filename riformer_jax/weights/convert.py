@@ -22,8 +22,7 @@ Load a converted directory with `riformer_jax.load_pretrained(DIR)`.
 import argparse
 import sys
 
-from riformer_jax import list_models
-from riformer_jax.models import counting
+from riformer_jax.models import counting, registry
 from riformer_jax.weights import hub, pretrained, torch_io, torch_keys
 
 
@@ -36,7 +35,7 @@ def parse_args(argv):
                       "a converted directory")
   parser.add_argument("--dst", required=True,
                       help="directory to write, or with --to-torch the .pth file")
-  parser.add_argument("--arch", choices=list_models(), metavar="ARCH",
+  parser.add_argument("--arch", choices=registry.list_models(), metavar="ARCH",
                       help="registry name of the model in --src, e.g. riformer_s12 "
                       "(a timm hub repository names its own)")
   parser.add_argument("--sha256",

@@ -22,9 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from riformer_jax import models
 from riformer_jax.data import imagenet
-from riformer_jax.models import counting
+from riformer_jax.models import counting, registry
 
 MANIFEST = "manifest.json"
 VARIABLES = "variables"
@@ -120,7 +119,7 @@ def build_model(name, kwargs, **overrides):
   # JSON turns tuples (depths, dims) into lists; tuples keep the module hashable, so
   # it can be a static argument of jax.jit.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  model = models.create_model(name, **{**kwargs, **overrides})
+  model = registry.create_model(name, **{**kwargs, **overrides})
   return model, counting.abstract_variables(model, 64)["params"]
 
 

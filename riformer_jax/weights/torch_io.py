@@ -11,8 +11,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from riformer_jax import models
-from riformer_jax.models import metaformer, surgery
+from riformer_jax.models import metaformer, registry, surgery
 from riformer_jax.weights import hub, store, torch_keys
 
 _STATE_DICT_KEYS = ("state_dict", "model")  # MMPreTrain / GFNet, then the top level
@@ -79,7 +78,7 @@ def detect_format(state_dict):
 def _family_kwargs(name, fmt, state_dict):
   """The create_model overrides a checkpoint of `fmt` implies for `name`, or an error
   if that format cannot hold that architecture."""
-  module_class = models.registry_class(name)
+  module_class = registry.registry_class(name)
   family = name.rsplit("_", 1)[0]
   allowed = {
       "mmpretrain": ("riformer", "poolformer"),
@@ -94,7 +93,7 @@ def _family_kwargs(name, fmt, state_dict):
   if fmt == "gfnet" and "pos_embed" in state_dict:
     # Fine-tuned GFNets (e.g. at 384) carry larger filters: build the model to fit.
     grid = math.isqrt(np.shape(state_dict["pos_embed"])[1])
-    kwargs["img_size"] = grid * models.create_model(name).patch_size
+    kwargs["img_size"] = grid * registry.create_model(name).patch_size
   if module_class is metaformer.MetaFormer:
     if fmt == "timm":
       kwargs["head"] = "timm"  # timm's PoolFormer head: pool, LayerNorm, fc
@@ -146,7 +145,7 @@ def params_from_torch(state_dict, name, fmt="auto", num_classes=None, seed=0):
 
 
 def _reinitialise_classifier(name, kwargs, params, classifier, num_classes, seed):
-  model = models.create_model(name, **kwargs, num_classes=num_classes)
+  model = registry.create_model(name, **kwargs, num_classes=num_classes)
   fresh = jax.jit(model.init)(jax.random.key(seed), np.zeros((1, 64, 64, 3), np.float32))
   fresh = traverse_util.flatten_dict(jax.device_get(fresh["params"]), sep="/")
   flat = traverse_util.flatten_dict(params, sep="/")
