@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from riformer_jax.bench import input as bench_input
 from riformer_jax.data import augment
@@ -11,6 +12,7 @@ from riformer_jax.data import augment
 import torch_reference  # noqa: F401  (makes timm importable)
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_ours_next_to_timm_in_one_run(tmp_path, capsys):
   out = tmp_path / "bench.json"
   bench_input.main(["--cores", "1", "--seconds", "0.3", "--rounds", "2", "--images", "6",

@@ -146,6 +146,7 @@ def test_the_onnx_graph_computes_what_the_flax_model_does(name, kwargs, fused):
 # ------------------------------------------------------------------ artifacts
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_path):
   source, model, params = make_source(tmp_path, "riformer_s12")
   messages = []
@@ -203,6 +204,7 @@ def test_poolformer_identityformer_and_the_fused_block_in_every_edge_runtime(
     assert relative_error(value, expected) < 1e-4, runtime
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_preprocessing_in_the_graph_matches_the_evaluation_pipeline(tmp_path):
   """uint8 crops into the artifacts == the pipeline's normalised images into Flax."""
   source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
@@ -227,6 +229,7 @@ def test_preprocessing_in_the_graph_matches_the_evaluation_pipeline(tmp_path):
     assert relative_error(value, expected) < 1e-4, runtime
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_float16_and_a_fixed_batch(tmp_path):
   source, model, params = make_source(tmp_path, "poolformer_s12")
   prefix = str(tmp_path / "m")
@@ -248,6 +251,7 @@ def test_float16_and_a_fixed_batch(tmp_path):
     assert 1e-6 < error < 1e-2, (runtime, error)  # float16, not float32
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
   """runtimes.int8_accuracy: float32 top-1 equals Flax's on the same pipeline images."""
   source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
@@ -275,6 +279,43 @@ def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
     assert row["agreement"] >= 75, row  # a working quantisation, even of a tiny model
 
 
+def test_int8_accuracy_counts_each_file_s_hits_and_their_agreement(tmp_path, monkeypatch):
+  """int8_accuracy's bookkeeping with runners whose predictions are set by position:
+  float32 wrong on every 5th image, int8 on every 4th, so its three numbers differ."""
+  prefix = str(tmp_path / "m")
+  for suffix in (".onnx", "_int8.onnx"):
+    open(prefix + suffix, "w").close()
+  manifest = {"input": {"shape": [8, 32, 32, 3], "layout": "NHWC"},
+              "preprocessing": {"input_size": [3, 32, 32], "crop_pct": 0.875,
+                                "baked_in": False}}
+  with open(prefix + ".json", "w") as f:
+    json.dump(manifest, f)
+  labels = np.concatenate([b[1] for b in runtimes.evaluation_batches(
+      manifest, "synthetic", "test", limit=40)])
+  wrong_every = {"m.onnx": 5, "m_int8.onnx": 4}
+
+  def load(path, runtime, threads=None):
+    assert runtime == "onnxruntime"
+    seen, every = [0], wrong_every[os.path.basename(path)]
+
+    def run(images):
+      position = np.arange(seen[0], seen[0] + len(images)) % len(labels)
+      seen[0] += len(images)
+      predicted = np.where(position % every == 0, (labels[position] + 1) % 10,
+                           labels[position])
+      return np.eye(10, dtype=np.float32)[predicted]
+    return run
+
+  monkeypatch.setattr(runtimes, "load", load)
+  _, (row,) = runtimes.int8_accuracy(prefix, "synthetic", "test", limit=40)
+  position = np.arange(40)
+  float32_hit, int8_hit = position % 5 != 0, position % 4 != 0
+  assert row["images"] == 40
+  assert row["float32_top1"] == pytest.approx(100 * float32_hit.mean())  # 80
+  assert row["int8_top1"] == pytest.approx(100 * int8_hit.mean())  # 75
+  assert row["agreement"] == pytest.approx(100 * (float32_hit == int8_hit).mean())  # 65
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -299,6 +340,7 @@ def test_export_errors_name_the_problem_and_leave_nothing(tmp_path, monkeypatch,
   assert os.listdir(tmp_path / "out") == []  # no ONNX file without its manifest
 
 
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_onnx_needs_a_metaformer_and_the_base_package_needs_no_runtime(tmp_path):
   source, _, _ = make_source(tmp_path, "convformer_s18")
   with pytest.raises(export.ExportError, match="convformer_s18; litert, jax and"):
