@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from timm.data import auto_augment as timm_aa
-from timm.data import transforms as timm_transforms
-
-from riformer_jax.data import augment, imagenet
 
 import torch_reference  # noqa: F401  (makes timm importable)
+from timm.data import auto_augment as timm_aa  # noqa: E402
+from timm.data import transforms as timm_transforms  # noqa: E402
+
+from riformer_jax.data import augment, imagenet
 
 
 def _noise_image(seed=0, shape=(37, 53, 3)):

@@ -15,14 +15,14 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from timm.models import save_for_hf  # noqa: E402
 
 import convert
 import riformer_jax
 from riformer_jax.weights import hub, store
 
-import torch_reference as ref  # before timm: its torchvision workaround
 from conftest import relative_error
+import torch_reference as ref  # before timm: its torchvision workaround
+from timm.models import save_for_hf  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HUB_NAME = "hf-hub:timm/poolformer_s12.sail_in1k"
