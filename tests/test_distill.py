@@ -1,6 +1,6 @@
 """The fused distillation step: loss composition, no retracing, sharding, accumulation."""
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 
 import riformer_jax
 from riformer_jax.train import distill, losses, optim, parallel
-from conftest import TINY, randomize, relative_error
+from conftest import TINY, random_params, relative_error
 
 BLOCKS = ("stages_1/blocks_1", "stages_2/blocks_0")
 PEAK_LR = 1e-3
@@ -26,9 +26,25 @@ def setup():
   student = riformer_jax.create_model("riformer_s12", **TINY)
   teacher = riformer_jax.create_model("poolformer_s12", **TINY)
   # Redrawn: init's layer scales of 1e-5 give the branches gradients below Adam's eps.
-  params = randomize(student.init(jax.random.key(1), images[:1])["params"], 1)
-  teacher_vars = teacher.init(jax.random.key(2), images[:1])
+  # Drawn by numpy (conftest.random_params): eager init compiles once per shape.
+  params = random_params(student, images[:1], 1)
+  teacher_vars = {"params": random_params(teacher, images[:1], 2)}
   return images, labels, student, params, distill.Teacher(teacher, teacher_vars)
+
+
+@pytest.fixture(scope="module")
+def default(setup):
+  """The default recipe's Distiller (mixing, pixel erasing), its `train_step` jitted
+  once for the module, and the list its traces append to. Each compilation costs
+  seconds on 2 cores; jit keeps one per call signature (devices, dtypes), so the tests
+  that run this recipe share them."""
+  distiller = make_distiller(setup[2])
+  traces = []
+
+  def step(*args):
+    traces.append(1)  # once per trace, i.e. per compilation
+    return distiller.train_step(*args)
+  return distiller, jax.jit(step), traces
 
 
 def make_distiller(student, **kwargs):
@@ -80,36 +96,39 @@ def test_terms_are_the_losses_of_the_mixed_batch(setup):
   _, metrics = jax.jit(distiller.train_step)(state, images, labels, w, jax.random.key(0),
                                              teacher, teacher)
   # No mixing and no dropout in TINY: the terms are the plain losses.
-  logits, taps = student.apply({"params": params}, images, mutable=["intermediates"])
-  _, teacher_taps = teacher.module.apply(teacher.variables, images, mutable=["intermediates"])
-  teacher_logits = teacher.module.apply(teacher.variables, images)
-  mi = losses.module_imitation(taps["intermediates"], teacher_taps["intermediates"], BLOCKS)
-  expected = {
-      "ce": losses.cross_entropy(logits, jax.nn.one_hot(labels, 10)),
-      "hard_kd": losses.hard_distillation(logits, teacher_logits),
-      "soft_kd": losses.soft_distillation(logits, teacher_logits),
-      "mi_in": mi["in"], "mi_out": mi["out"], "mi_rel": mi["rel"]}
+  @jax.jit  # the reference in one compilation, not one per operation
+  def plain_losses(params, teacher, images, labels):
+    logits, taps = student.apply({"params": params}, images, mutable=["intermediates"])
+    _, teacher_taps = teacher.module.apply(teacher.variables, images,
+                                           mutable=["intermediates"])
+    teacher_logits = teacher.module.apply(teacher.variables, images)
+    mi = losses.module_imitation(taps["intermediates"], teacher_taps["intermediates"],
+                                 BLOCKS)
+    return {
+        "ce": losses.cross_entropy(logits, jax.nn.one_hot(labels, 10)),
+        "hard_kd": losses.hard_distillation(logits, teacher_logits),
+        "soft_kd": losses.soft_distillation(logits, teacher_logits),
+        "mi_in": mi["in"], "mi_out": mi["out"], "mi_rel": mi["rel"]}
+
+  expected = plain_losses(params, teacher, images, labels)
   for term, value in expected.items():
     np.testing.assert_allclose(metrics[f"loss/{term}"], value, rtol=1e-5, err_msg=term)
   np.testing.assert_allclose(metrics["loss/total"], sum(expected.values()), rtol=1e-5)
 
 
-def test_switching_terms_off_skips_them_without_recompiling(setup):
-  images, labels, student, params, teacher = setup
-  distiller = make_distiller(student)
-  traces = []
+def test_switching_terms_off_skips_them_without_recompiling(setup, default):
+  images, labels, _, params, teacher = setup
+  distiller, train_step, traces = default
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, w):
-    traces.append(1)
-    return distiller.train_step(state, images, labels, w, jax.random.key(0), teacher,
-                                teacher)
+    return train_step(state, images, labels, w, jax.random.key(0), teacher, teacher, None)
 
-  state = distiller.init_state(jax.tree.map(jnp.copy, params))  # donated below
+  state = distiller.init_state(params)
   state, on = step(state, weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0))
+  compiled = len(traces)  # one trace for this signature, here or in an earlier test
   state, off = step(state, weights(soft_kd=1.0))
   state, ce_only = step(state, weights(ce=1.0))
-  assert len(traces) == 1
+  assert compiled >= 1 and len(traces) == compiled
   assert all(float(on[f"loss/{t}"]) > 0 for t in ("soft_kd", "mi_in", "mi_out", "mi_rel"))
   assert all(float(off[f"loss/{t}"]) == 0 for t in ("mi_in", "mi_out", "mi_rel"))
   assert float(off["loss/soft_kd"]) > 0
@@ -117,14 +136,16 @@ def test_switching_terms_off_skips_them_without_recompiling(setup):
   assert int(state.step) == 3
 
 
-def _run(distiller, params, images, labels, teacher, mesh, steps=2, erase_boxes=None,
-         seed=3):
-  data = parallel.data_sharding(mesh)
-  state = distiller.init_state(jax.tree.map(jnp.copy, params))  # donated below
-  state = jax.device_put(state, parallel.replicated(mesh))
-  images, labels, erase_boxes = jax.device_put((images, labels, erase_boxes), data)
-  teacher = jax.device_put(teacher, parallel.replicated(mesh))
-  step = jax.jit(distiller.train_step, donate_argnums=0)
+def _run(distiller, step, params, images, labels, teacher, mesh, steps=2,
+         erase_boxes=None, seed=3):
+  """`steps` updates by `step` (`distiller.train_step` jitted), the batch split over
+  `mesh`, or on the default device alone where `mesh` is None."""
+  state = distiller.init_state(params)
+  if mesh is not None:
+    data = parallel.data_sharding(mesh)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    images, labels, erase_boxes = jax.device_put((images, labels, erase_boxes), data)
+    teacher = jax.device_put(teacher, parallel.replicated(mesh))
   w = weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
   for _ in range(steps):
     state, metrics = step(state, images, labels, w, jax.random.key(seed), teacher, teacher,
@@ -132,22 +153,36 @@ def _run(distiller, params, images, labels, teacher, mesh, steps=2, erase_boxes=
   return jax.device_get((state, metrics))
 
 
-def test_a_uint8_batch_is_finished_in_the_step(setup):
+PIXELS = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(setup, default):
+  """The default step's two updates on 8 devices (the float batch of PIXELS): the
+  reference of three tests below, run once."""
+  _, labels, _, params, teacher = setup
+  distiller, step, _ = default
+  finish = distiller.finish
+  host = ((PIXELS / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
+  return host, _run(distiller, step, params, host, labels, teacher, parallel.make_mesh())
+
+
+def test_a_uint8_batch_is_finished_in_the_step(setup, default, eight_devices):
   """uint8 images normalised in the step give the float batch's updates; erasing
   boxes change them."""
-  _, labels, student, params, teacher = setup
-  pixels = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-  finish = distill.FinishConfig()
-  host = ((pixels / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
+  _, labels, _, params, teacher = setup
+  distiller, step, _ = default
   mesh = parallel.make_mesh()
-  plain = make_distiller(student, finish=distill.FinishConfig(erase_mode=None))
-  reference, _ = _run(plain, params, host, labels, teacher, mesh)
-  finished, _ = _run(plain, params, pixels, labels, teacher, mesh)
+  reference, _ = eight_devices[1]
+  # Empty boxes erase nothing (test_mixup: finish_batch); one compilation serves both.
+  nothing = np.zeros((8, 4), np.int32)
+  finished, _ = _run(distiller, step, params, PIXELS, labels, teacher, mesh,
+                     erase_boxes=nothing)
   assert_same_updates(reference, finished, params)
   boxes = np.tile(np.array([[4, 6, 20, 12]], np.int32), (8, 1))
-  erasing = make_distiller(student)
   # Same key, so the same mixing and dropout: only the erased boxes differ.
-  erased, _ = _run(erasing, params, pixels, labels, teacher, mesh, erase_boxes=boxes)
+  erased, _ = _run(distiller, step, params, PIXELS, labels, teacher, mesh,
+                   erase_boxes=boxes)
   for a, b in zip(jax.tree.leaves(erased.params), jax.tree.leaves(reference.params)):
     if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
       break
@@ -155,26 +190,22 @@ def test_a_uint8_batch_is_finished_in_the_step(setup):
     raise AssertionError("erasing boxes left every update unchanged")
 
 
-def test_eight_devices_match_one(setup):
-  images, labels, student, params, teacher = setup
-  distiller = make_distiller(student)
-  one, one_metrics = _run(distiller, params, images, labels, teacher,
-                          parallel.make_mesh(jax.devices()[:1]))
-  eight, eight_metrics = _run(distiller, params, images, labels, teacher,
-                              parallel.make_mesh())
+def test_eight_devices_match_one(setup, default, eight_devices):
+  _, labels, _, params, teacher = setup
+  images, (eight, eight_metrics) = eight_devices
+  one, one_metrics = _run(*default[:2], params, images, labels, teacher, mesh=None)
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(one_metrics["loss/total"], eight_metrics["loss/total"],
                              rtol=1e-5)
   assert_same_updates(one, eight, params)
 
 
-def test_accumulation_gives_the_large_batch_update(setup):
-  images, labels, student, params, teacher = setup
-  mesh = parallel.make_mesh()
-  whole, whole_metrics = _run(make_distiller(student), params, images, labels, teacher,
-                              mesh)
-  accumulated, metrics = _run(make_distiller(student, accum_steps=2), params, images,
-                              labels, teacher, mesh)
+def test_accumulation_gives_the_large_batch_update(setup, default, eight_devices):
+  _, labels, _, params, teacher = setup
+  images, (whole, whole_metrics) = eight_devices
+  accumulating = dataclasses.replace(default[0], accum_steps=2)
+  accumulated, metrics = _run(accumulating, jax.jit(accumulating.train_step), params,
+                              images, labels, teacher, parallel.make_mesh())
   np.testing.assert_allclose(whole_metrics["loss/total"], metrics["loss/total"],
                              rtol=1e-5)
   assert_same_updates(whole, accumulated, params)
@@ -203,25 +234,25 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     optim.learning_rate_schedule(1e-3, total_steps=10, warmup_steps=10)
 
 
-def test_fsdp_shards_large_axes_and_keeps_results(setup):
-  images, labels, student, params, teacher = setup
+def test_fsdp_shards_large_axes_and_keeps_results(setup, default):
+  images, labels, _, params, teacher = setup
   mesh = parallel.make_mesh()
   shardings = parallel.fsdp_shardings(params, mesh)
   assert shardings["stages_3"]["blocks_0"]["mlp"]["fc1"]["kernel"].spec == \
       jax.sharding.PartitionSpec(None, "data")  # (32, 128): 128 splits over 8
   assert shardings["stem"]["bias"].spec == jax.sharding.PartitionSpec("data")  # 8
-  distiller = make_distiller(student)
+  distiller, plain_step, _ = default
   plain = distiller.init_state(params)
   state_shardings = parallel.fsdp_shardings(plain, mesh)
   sharded = jax.device_put(plain, state_shardings)
   sharded_images = jax.device_put(images, parallel.data_sharding(mesh))
   sharded_step = jax.jit(distiller.train_step, out_shardings=(state_shardings, None))
-  plain_step = jax.jit(distiller.train_step)
   for _ in range(2):
     sharded, metrics = sharded_step(sharded, sharded_images, labels, weights(ce=1.0),
                                     jax.random.key(3))
+    # The module's one-device step (teachers given, skipped at weight 0: the same loss).
     plain, expected = plain_step(plain, images, labels, weights(ce=1.0),
-                                 jax.random.key(3))
+                                 jax.random.key(3), teacher, teacher, None)
     np.testing.assert_allclose(metrics["loss/total"], expected["loss/total"], rtol=1e-5)
   assert sharded.params["stages_3"]["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec == \
       jax.sharding.PartitionSpec(None, "data")  # the update keeps the layout
@@ -269,27 +300,32 @@ def test_rematerialisation_changes_memory_not_results(setup):
 def test_eval_counts_with_fewer_than_five_classes():
   model = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=2))
   images = jax.random.normal(jax.random.key(0), (6, 32, 32, 3))
-  variables = model.init(jax.random.key(1), images)
-  predicted = jnp.argmax(model.apply(variables, images), -1)
+  variables = {"params": random_params(model, images, 1)}
+  predicted = jnp.argmax(jax.jit(model.apply)(variables, images), -1)
   labels = predicted.at[:2].set(1 - predicted[:2])  # two wrong, four right
   mask = jnp.array([True] * 5 + [False])  # the last (right) one is padding
-  top1, top5, count = distill.eval_counts(model, variables, images, labels, mask)
+  # Jitted, as the trainer runs it: one compilation instead of one per operation.
+  top1, top5, count = jax.jit(distill.eval_counts, static_argnums=0)(
+      model, variables, images, labels, mask)
   assert (int(top1), int(top5), int(count)) == (3, 5, 5)
 
 
-def test_a_shared_teacher_gives_the_same_steps_with_one_forward_pass(setup):
-  images, labels, student, params, teacher = setup
-  state = make_distiller(student).init_state(params)
+def test_a_shared_teacher_gives_the_same_steps_with_one_forward_pass(setup, default):
+  images, labels, _, params, teacher = setup
+  distiller, separate, _ = default
+  state = distiller.init_state(params)
   rng = jax.random.key(0)
-  # The same teacher in both roles, run twice (separate) or once (shared): one
-  # compiled step each, the terms switched by the traced weights.
-  steps = {name: jax.jit(make_distiller(student, shared_teacher=shared).train_step)
-           .lower(state, images, labels, weights(), rng, teacher, teacher).compile()
-           for name, shared in (("separate", False), ("shared", True))}
+  # The same teacher in both roles, run twice (separate: the module's step, compiled
+  # once for all its tests) or once (shared): one compiled step each, the terms
+  # switched by the traced weights.
+  shared = jax.jit(dataclasses.replace(distiller, shared_teacher=True).train_step)
+  steps = {name: step.lower(state, images, labels, weights(), rng, teacher, teacher,
+                            None).compile()
+           for name, step in (("separate", separate), ("shared", shared))}
   for on in (dict(ce=1.0, hard_kd=1.0, soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0),
              dict(soft_kd=1.0), dict(mi_rel=1.0), dict(ce=1.0)):
     expected, actual = (steps[name](state, images, labels, weights(**on), rng, teacher,
-                                    teacher) for name in ("separate", "shared"))
+                                    teacher, None) for name in ("separate", "shared"))
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(on))
   teacher_flops = jax.jit(teacher.module.apply).lower(

@@ -1,5 +1,7 @@
 """The paper's losses against PyTorch's definitions and on real taps."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 import riformer_jax
 from riformer_jax.train import losses
-from conftest import TINY
+from conftest import TINY, random_params
 
 RNG = np.random.default_rng(0)
 STUDENT = RNG.standard_normal((6, 10)).astype(np.float32) * 3
@@ -50,17 +52,22 @@ def test_relation_matrix_is_the_cosine_similarity_of_tokens():
   np.testing.assert_allclose(np.diagonal(relation, axis1=1, axis2=2), 1, rtol=1e-5)
 
 
-def _taps(name, seed, images):
-  model = riformer_jax.create_model(name, **TINY)
-  variables = model.init(jax.random.key(seed), images)
-  return model, variables
+def _taps(name, seed, images, **overrides):
+  """A tiny model and random variables (numpy draws: eager init compiles per shape)."""
+  model = riformer_jax.create_model(name, **{**TINY, **overrides})
+  return model, {"params": random_params(model, images, seed)}
+
+
+def _intermediates(model, variables, images):
+  """The sown taps, from one compilation rather than one per operation."""
+  apply = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))
+  return apply(variables, images)[1]["intermediates"]
 
 
 def test_module_imitation_on_real_taps(images):
   blocks = ["stages_1/blocks_1", "stages_2/blocks_0"]
   teacher, teacher_vars = _taps("poolformer_s12", 0, images)
-  _, teacher_taps = teacher.apply(teacher_vars, images, mutable=["intermediates"])
-  teacher_taps = teacher_taps["intermediates"]
+  teacher_taps = _intermediates(teacher, teacher_vars, images)
 
   # Against itself every term vanishes.
   same = losses.module_imitation(teacher_taps, teacher_taps, blocks)
@@ -72,19 +79,21 @@ def test_module_imitation_on_real_taps(images):
     _, state = student.apply({"params": params}, images, mutable=["intermediates"])
     return losses.module_imitation(state["intermediates"], teacher_taps, blocks)
 
-  terms = mi(student_vars["params"])
+  terms = jax.jit(mi)(student_vars["params"])
   assert all(float(v) > 0 for v in terms.values())
   # By hand for one block and one term.
-  _, state = student.apply(student_vars, images, mutable=["intermediates"])
-  s = state["intermediates"]["stages_2"]["blocks_0"]["mixer_output"][0]
+  state = _intermediates(student, student_vars, images)
+  s = state["stages_2"]["blocks_0"]["mixer_output"][0]
   t = teacher_taps["stages_2"]["blocks_0"]["mixer_output"][0]
-  s1 = state["intermediates"]["stages_1"]["blocks_1"]["mixer_output"][0]
+  s1 = state["stages_1"]["blocks_1"]["mixer_output"][0]
   t1 = teacher_taps["stages_1"]["blocks_1"]["mixer_output"][0]
   np.testing.assert_allclose(terms["out"], np.mean((s - t) ** 2) + np.mean((s1 - t1) ** 2),
                              rtol=1e-5)
-  # Each term reaches the chosen blocks' affine mixers, and none after the last one.
+  # Each term reaches the chosen blocks' affine mixers, and none after the last one:
+  # the gradient of every term, from one compiled reverse pass.
+  all_grads = jax.jit(jax.jacrev(mi))(student_vars["params"])
   for term in ("in", "out", "rel"):
-    grads = jax.grad(lambda p, term=term: mi(p)[term])(student_vars["params"])
+    grads = all_grads[term]
     mixer = lambda stage, block: np.abs(  # noqa: E731
         grads[f"stages_{stage}"][f"blocks_{block}"]["token_mixer"]["scale"]).max()
     assert mixer(1, 1) > 0 and mixer(2, 0) > 0, term
@@ -93,15 +102,13 @@ def test_module_imitation_on_real_taps(images):
 
 def test_module_imitation_names_mismatched_blocks(images):
   teacher, variables = _taps("poolformer_s12", 0, images)
-  _, taps = teacher.apply(variables, images, mutable=["intermediates"])
-  taps = taps["intermediates"]
+  taps = _intermediates(teacher, variables, images)
   with pytest.raises(KeyError, match="block 'stages_1/blocks_7'.*missing 'blocks_7'"):
     losses.module_imitation(taps, taps, ["stages_1/blocks_7"])
-  wider = riformer_jax.create_model("riformer_s12", **{**TINY, "dims": (8, 16, 24, 40)})
-  _, wide = wider.apply(wider.init(jax.random.key(0), images), images,
-                        mutable=["intermediates"])
+  wider, wide_vars = _taps("riformer_s12", 0, images, dims=(8, 16, 24, 40))
+  wide = _intermediates(wider, wide_vars, images)
   with pytest.raises(ValueError, match="stages_3/blocks_0: student output"):
-    losses.module_imitation(wide["intermediates"], taps, ["stages_3/blocks_0"])
+    losses.module_imitation(wide, taps, ["stages_3/blocks_0"])
 
 
 def test_table_10_readings_give_the_weights_they_name():

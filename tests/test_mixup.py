@@ -15,7 +15,7 @@ from timm.data import mixup as timm_mixup
 
 import riformer_jax
 from riformer_jax.train import distill, losses, mixup, parallel
-from conftest import TINY, randomize
+from conftest import TINY, random_params
 
 
 def _images(batch=6, size=8, seed=0):
@@ -132,7 +132,7 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   assert mesh.devices.size == 8
   assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   student = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=5))
-  params = randomize(student.init(jax.random.key(1), host["image"][:1])["params"], 2)
+  params = random_params(student, host["image"][:1], 4)  # numpy: no init compiles
   # Without the head's biases the argmax varies with the input, so hard KD can tell
   # batches apart (with them every row of these random logits has the same argmax).
   params["head"] = jax.tree_util.tree_map_with_path(
@@ -151,11 +151,14 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   apply = jax.jit(lambda x: student.apply({"params": params}, x,
                                           mutable=["intermediates"]))
 
+  # The references below are jitted too: one compilation each, not one per operation.
+  @jax.jit
   def draw(rng):  # the step's own draw: mixing takes the first half of fold_in(rng, 0)
     key = jax.random.split(jax.random.fold_in(rng, 0))[0]
     return mixup.mix_batch(key, jnp.asarray(host["image"]), jnp.asarray(host["label"]), 5,
                            **dataclasses.asdict(config))
 
+  @jax.jit
   def terms(student_images, teacher_images):
     (logits, taps), (teacher_logits, teacher_taps) = map(apply, (student_images,
                                                                  teacher_images))

@@ -1,3 +1,4 @@
+import functools
 import importlib
 
 import flax
@@ -8,7 +9,7 @@ import pytest
 
 import riformer_jax
 from riformer_jax.models import counting, metaformer
-from conftest import TINY, randomize, relative_error
+from conftest import TINY, numpy_randomize, random_params, relative_error
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
 # docs/reference.md section 1 (1000 classes): training-time and deploy parameter counts.
@@ -82,8 +83,10 @@ def test_create_model_overrides_and_layer_scale_init():
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
   assert params["head"]["fc"]["kernel"].shape == (512, 7)
-  variables = riformer_jax.create_model("riformer_s12", **TINY).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  # Init's own values under jit, from the RBG generator (which XLA compiles in a
+  # fraction of threefry's time): constants and ones do not depend on the generator.
+  variables = jax.jit(riformer_jax.create_model("riformer_s12", **TINY).init)(
+      jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
   block = variables["params"]["stages_0"]["blocks_0"]
   np.testing.assert_array_equal(block["layer_scale1"], np.full(8, 1e-5, np.float32))
   np.testing.assert_array_equal(block["norm1"]["scale"], np.ones(8, np.float32))
@@ -91,13 +94,13 @@ def test_create_model_overrides_and_layer_scale_init():
 
 def test_output_shapes_and_features_mode(images):
   model = riformer_jax.create_model("riformer_s12", **TINY)
-  variables = model.init(jax.random.key(0), images)
-  logits = model.apply(variables, images)
+  variables = {"params": random_params(model, images, 0)}
+  logits = jax.jit(model.apply)(variables, images)  # one compilation, not one per op
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   features_model = riformer_jax.create_model("riformer_s12", **{**TINY, "num_classes": 0})
-  params = features_model.init(jax.random.key(0), images)["params"]
+  params = random_params(features_model, images, 0)
   assert "fc" not in params["head"]
-  assert features_model.apply({"params": params}, images).shape == (2, 32)
+  assert jax.jit(features_model.apply)({"params": params}, images).shape == (2, 32)
   with pytest.raises(ValueError, match="expected NHWC images"):
     model.apply(variables, images[0])
 
@@ -105,9 +108,10 @@ def test_output_shapes_and_features_mode(images):
 def test_odd_resolution_follows_pytorch_floor_semantics():
   # 7x7/4 pad 2 then three 3x3/2 pad 1: 97 -> 24 -> 12 -> 6 -> 3; 131 -> 33 -> 17 -> 9 -> 5.
   model = riformer_jax.create_model("poolformer_s12", **TINY)
-  x = jnp.zeros((1, 97, 131, 3))
-  variables = model.init(jax.random.key(0), x)
-  _, state = model.apply(variables, x, mutable=["intermediates"])
+  x = jax.ShapeDtypeStruct((1, 97, 131, 3), jnp.float32)  # shapes are the claim: traced
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  _, state = jax.eval_shape(functools.partial(model.apply, mutable=["intermediates"]),
+                            variables, x)
   shapes = [state["intermediates"][f"stages_{i}"]["blocks_0"]["block_output"][0].shape[1:3]
             for i in range(4)]
   assert shapes == [(24, 33), (12, 17), (6, 9), (3, 5)]
@@ -137,12 +141,16 @@ def test_drop_path_and_dropout_inactive_at_eval_active_in_training(images):
   stochastic = riformer_jax.create_model(
       "riformer_s12", **TINY, drop_path_rate=0.5, drop_rate=0.3)
   plain = riformer_jax.create_model("riformer_s12", **TINY)
-  variables = {"params": randomize(plain.init(jax.random.key(0), images)["params"], 1)}
-  eval_logits = stochastic.apply(variables, images, train=False)
-  np.testing.assert_array_equal(eval_logits, plain.apply(variables, images, train=False))
+  variables = {"params": random_params(plain, images, 1)}
+  # Jitted: one compilation per program instead of one per operation.
+  evaluate = lambda model: jax.jit(functools.partial(model.apply, train=False))(  # noqa: E731
+      variables, images)
+  eval_logits = evaluate(stochastic)
+  np.testing.assert_array_equal(eval_logits, evaluate(plain))
 
-  train = lambda seed: stochastic.apply(variables, images, train=True,
-                                        rngs={"dropout": jax.random.key(seed)})
+  run = jax.jit(lambda key: stochastic.apply(variables, images, train=True,
+                                             rngs={"dropout": key}))
+  train = lambda seed: run(jax.random.key(seed))  # noqa: E731
   assert not np.allclose(train(0), eval_logits)
   assert not np.allclose(train(0), train(1))
   np.testing.assert_array_equal(train(0), train(0))
@@ -153,7 +161,8 @@ def test_drop_path_and_dropout_inactive_at_eval_active_in_training(images):
 def test_drop_path_drops_whole_samples():
   block = metaformer.MetaFormerBlock(token_mixer="affine", drop_path_rate=0.5)
   x = jax.random.normal(jax.random.key(0), (32, 4, 4, 8))
-  params = randomize(block.init(jax.random.key(1), x, train=False)["params"], 2)
+  params = numpy_randomize(jax.eval_shape(functools.partial(block.init, train=False),
+                                          jax.random.key(1), x)["params"], 2)
   params["layer_scale2"] = jnp.zeros(8)  # leave only the mixer branch
   out, state = block.apply({"params": params}, x, train=True,
                            rngs={"dropout": jax.random.key(3)}, mutable=["intermediates"])
@@ -167,7 +176,7 @@ def test_drop_path_drops_whole_samples():
 
 def intermediates(name, images, **overrides):
   model = riformer_jax.create_model(name, **TINY, **overrides)
-  variables = model.init(jax.random.key(0), images)
+  variables = {"params": random_params(model, images, 0)}  # numpy: no init compiles
   logits, state = model.apply(variables, images, mutable=["intermediates"])
   return variables, logits, state["intermediates"]
 
@@ -205,7 +214,7 @@ def test_mixer_output_tap_is_the_mixer_minus_its_input(images):
 
 def test_capturing_costs_nothing_when_not_requested(images):
   model = riformer_jax.create_model("riformer_s12", **TINY)
-  variables = model.init(jax.random.key(0), images)
+  variables = {"params": random_params(model, images, 0)}
   plain = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
   captured = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"])) \
       .lower(variables, images).compile()
@@ -227,9 +236,11 @@ def test_bfloat16_compute_stays_close_to_float32():
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   f32 = riformer_jax.create_model("riformer_s12", num_classes=10)
   bf16 = riformer_jax.create_model("riformer_s12", num_classes=10, dtype=jnp.bfloat16)
-  params = randomize(f32.init(jax.random.key(0), images)["params"], 3)
-  expected = f32.apply({"params": params}, images)
-  actual, state = bf16.apply({"params": params}, images, mutable=["intermediates"])
+  params = random_params(f32, images, 3)  # numpy draws: no per-shape init compiles
+  # Jitted, as in training: one compilation each instead of one per operation.
+  expected = jax.jit(f32.apply)({"params": params}, images)
+  actual, state = jax.jit(functools.partial(bf16.apply, mutable=["intermediates"]))(
+      {"params": params}, images)
   assert actual.dtype == jnp.float32
   assert relative_error(actual, expected) < 1.5e-2  # measured: 3.4e-3
   taps = state["intermediates"]["stages_2"]["blocks_0"]

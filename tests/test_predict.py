@@ -14,6 +14,7 @@ from riformer_jax.deploy import predict
 from riformer_jax.weights import store
 import timm.data  # noqa: E402
 from test_hub import HUB_NAME, hub_cache  # noqa: F401 (a fixture)
+from conftest import random_params
 
 LINE = re.compile(r"  (\d)\. +([\d.]+)%  (.+)  \(class (\d+)\)")
 
@@ -85,9 +86,8 @@ def test_a_hub_model_names_imagenet_classes_as_timm_ranks_them(hub_cache, tmp_pa
 def test_a_model_trained_on_folders_prints_its_folders_names(tmp_path, capsys):
   model = riformer_jax.create_model("riformer_s12", depths=(1, 1, 1, 1), dims=(8, 8, 16, 16),
                                     num_classes=3)
-  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"]
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda p: p + 0.5 * rng.standard_normal(p.shape, np.float32), params)
+  # Far from init (numpy draws: compiling init's random numbers costs seconds).
+  params = random_params(model, jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32), 1)
   store.save_pretrained(tmp_path / "m", "riformer_s12",
                              dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3),
                              params, preprocessing=store.preprocessing_record(32, None),
@@ -110,7 +110,7 @@ def test_bad_input_is_named(tmp_path, capsys):
   assert "nowhere: not a converted model" in capsys.readouterr().err
   model = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 1, 1),
                                     dims=(8, 8, 16, 16), num_classes=1000)
-  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"]
+  params = random_params(model, jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32), 0)
   store.save_pretrained(tmp_path / "m", "poolformer_s12",
                              dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16)), params)
   assert predict.main(["--model", str(tmp_path / "m"), not_an_image]) == 1

@@ -24,7 +24,7 @@ from tensorboard.util import tensor_util
 
 import riformer_jax
 from configs import tiny
-from conftest import randomize
+from conftest import random_params
 from riformer_jax.data import synthetic
 from riformer_jax.models import surgery
 from riformer_jax.train import distill, faults, trainer
@@ -151,7 +151,7 @@ def test_the_deploy_evaluation_agrees_with_the_student_away_from_chance():
   # Each image its own colour (noise alone pools to the same features everywhere).
   images = (2 * jax.random.normal(jax.random.key(0), (64, 1, 1, 3))
             + jax.random.normal(jax.random.key(3), (64, 32, 32, 3)))
-  params = randomize(student.init(jax.random.key(1), images[:1])["params"], 2)
+  params = random_params(student, images[:1], 8)  # numpy draws: no init compiles
   head = params["head"]  # no head biases: they would pick one class for every image
   params["head"] = {"fc": dict(head["fc"], bias=0 * head["fc"]["bias"]),
                     "norm": dict(head["norm"], bias=0 * head["norm"]["bias"])}
