@@ -32,13 +32,17 @@ def setup():
   return images, labels, student, params, distill.Teacher(teacher, teacher_vars)
 
 
+EMA_DECAY = 0.75
+
+
 @pytest.fixture(scope="module")
 def default(setup):
-  """The default recipe's Distiller (mixing, pixel erasing), its `train_step` jitted
-  once for the module, and the list its traces append to. Each compilation costs
-  seconds on 2 cores; jit keeps one per call signature (devices, dtypes), so the tests
-  that run this recipe share them."""
-  distiller = make_distiller(setup[2])
+  """The module's Distiller, its `train_step` jitted once for all tests here, and the
+  list its traces append to. A compilation of the step costs seconds on 2 cores, and
+  jit keeps one per call signature (devices, dtypes), so the tests share them. No
+  mixing (it doubles the compile time; the uint8 test below runs it, test_mixup the
+  sharded step with mixing and both teacher modes), the EMA on."""
+  distiller = make_distiller(setup[2], mix=None, ema_decay=EMA_DECAY)
   traces = []
 
   def step(*args):
@@ -88,13 +92,13 @@ def assert_same_updates(reference, other, initial):
     assert relative_error(b, a) < 1e-4, jax.tree_util.keystr(path)
 
 
-def test_terms_are_the_losses_of_the_mixed_batch(setup):
+def test_terms_are_the_losses_of_the_mixed_batch(setup, default):
   images, labels, student, params, teacher = setup
-  distiller = make_distiller(student, mix=None)
+  distiller, step, _ = default
+  assert distiller.mix is None
   state = distiller.init_state(params)
   w = weights(ce=1.0, hard_kd=1.0, soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
-  _, metrics = jax.jit(distiller.train_step)(state, images, labels, w, jax.random.key(0),
-                                             teacher, teacher)
+  _, metrics = step(state, images, labels, w, jax.random.key(0), teacher, teacher, None)
   # No mixing and no dropout in TINY: the terms are the plain losses.
   @jax.jit  # the reference in one compilation, not one per operation
   def plain_losses(params, teacher, images, labels):
@@ -153,35 +157,35 @@ def _run(distiller, step, params, images, labels, teacher, mesh, steps=2,
   return jax.device_get((state, metrics))
 
 
-PIXELS = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-
-
 @pytest.fixture(scope="module")
 def eight_devices(setup, default):
-  """The default step's two updates on 8 devices (the float batch of PIXELS): the
-  reference of three tests below, run once."""
-  _, labels, _, params, teacher = setup
-  distiller, step, _ = default
-  finish = distiller.finish
-  host = ((PIXELS / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
-  return host, _run(distiller, step, params, host, labels, teacher, parallel.make_mesh())
+  """The module's step, two updates on 8 devices: the reference of two tests below."""
+  images, labels, _, params, teacher = setup
+  return _run(*default[:2], params, images, labels, teacher, parallel.make_mesh())
 
 
-def test_a_uint8_batch_is_finished_in_the_step(setup, default, eight_devices):
+def test_a_uint8_batch_is_finished_in_the_step(setup):
   """uint8 images normalised in the step give the float batch's updates; erasing
-  boxes change them."""
-  _, labels, _, params, teacher = setup
-  distiller, step, _ = default
-  mesh = parallel.make_mesh()
-  reference, _ = eight_devices[1]
+  boxes change them. With mixing: finishing must leave the mixing draws alone. On
+  one device (the mixing step's compilation for 8 takes twice as long; test_train's
+  uint8 run trains with erasing in the sharded step)."""
+  _, labels, student, params, teacher = setup
+  pixels = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  finish = distill.FinishConfig()
+  host = ((pixels / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
+  mesh = None
+  distiller = make_distiller(student)  # the default recipe: mixing, pixel erasing
+  assert distiller.mix is not None and distiller.finish.erase_mode == "pixel"
+  step = jax.jit(distiller.train_step)
+  reference, _ = _run(distiller, step, params, host, labels, teacher, mesh)
   # Empty boxes erase nothing (test_mixup: finish_batch); one compilation serves both.
   nothing = np.zeros((8, 4), np.int32)
-  finished, _ = _run(distiller, step, params, PIXELS, labels, teacher, mesh,
+  finished, _ = _run(distiller, step, params, pixels, labels, teacher, mesh,
                      erase_boxes=nothing)
   assert_same_updates(reference, finished, params)
   boxes = np.tile(np.array([[4, 6, 20, 12]], np.int32), (8, 1))
   # Same key, so the same mixing and dropout: only the erased boxes differ.
-  erased, _ = _run(distiller, step, params, PIXELS, labels, teacher, mesh,
+  erased, _ = _run(distiller, step, params, pixels, labels, teacher, mesh,
                    erase_boxes=boxes)
   for a, b in zip(jax.tree.leaves(erased.params), jax.tree.leaves(reference.params)):
     if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
@@ -191,8 +195,8 @@ def test_a_uint8_batch_is_finished_in_the_step(setup, default, eight_devices):
 
 
 def test_eight_devices_match_one(setup, default, eight_devices):
-  _, labels, _, params, teacher = setup
-  images, (eight, eight_metrics) = eight_devices
+  images, labels, _, params, teacher = setup
+  eight, eight_metrics = eight_devices
   one, one_metrics = _run(*default[:2], params, images, labels, teacher, mesh=None)
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(one_metrics["loss/total"], eight_metrics["loss/total"],
@@ -201,8 +205,8 @@ def test_eight_devices_match_one(setup, default, eight_devices):
 
 
 def test_accumulation_gives_the_large_batch_update(setup, default, eight_devices):
-  _, labels, _, params, teacher = setup
-  images, (whole, whole_metrics) = eight_devices
+  images, labels, _, params, teacher = setup
+  whole, whole_metrics = eight_devices
   accumulating = dataclasses.replace(default[0], accum_steps=2)
   accumulated, metrics = _run(accumulating, jax.jit(accumulating.train_step), params,
                               images, labels, teacher, parallel.make_mesh())
@@ -259,14 +263,15 @@ def test_fsdp_shards_large_axes_and_keeps_results(setup, default):
   assert_same_updates(plain, sharded, params)
 
 
-def test_ema_tracks_the_params(setup):
-  images, labels, student, params, _ = setup
-  distiller = make_distiller(student, ema_decay=0.75)
-  step = jax.jit(distiller.train_step)
+def test_ema_tracks_the_params(setup, default):
+  images, labels, _, params, teacher = setup
+  distiller, step, _ = default
+  assert distiller.ema_decay == EMA_DECAY == 0.75
   state = distiller.init_state(params)
   history = [params]
-  for _ in range(2):
-    state, _ = step(state, images, labels, weights(ce=1.0), jax.random.key(0))
+  for _ in range(2):  # the teachers are skipped at weight 0
+    state, _ = step(state, images, labels, weights(ce=1.0), jax.random.key(0), teacher,
+                    teacher, None)
     history.append(state.params)
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, _), p0, p1, p2, ema in zip(
@@ -286,7 +291,7 @@ def test_rematerialisation_changes_memory_not_results(setup):
   for remat in (False, True):
     student = riformer_jax.create_model("riformer_s12", **TINY, remat=remat,
                                         drop_path_rate=0.2)
-    distiller = make_distiller(student)
+    distiller = make_distiller(student, mix=None)  # mixing: compile time, no bearing
     step = jax.jit(distiller.train_step)
     state, totals = distiller.init_state(params), []
     for _ in range(2):  # two steps, two drop-path draws

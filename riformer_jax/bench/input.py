@@ -111,11 +111,12 @@ def _ours(root, names, threads, batch_size, size):
 
 def _timm(root, names, batch_size, size):
   """{row: a function producing one collated batch} of timm's transforms on PIL."""
+  # torch_models first: its torchvision workaround must precede timm's import.
+  import riformer_jax.bench.torch_models  # noqa: F401  # isort: skip
   import torch  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from timm.data import auto_augment, create_transform  # pylint: disable=g-import-not-at-top
 
-  import riformer_jax.bench.torch_models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   torch.set_num_threads(1)
   posterize = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
 
@@ -201,7 +202,11 @@ class _Side:
       process.start()
       self.connections.append(mine)
       self.processes.append(process)
-    for connection in self.connections:
+    for connection, process in zip(self.connections, self.processes):
+      while not connection.poll(1):  # a worker that died would leave recv() waiting
+        if not process.is_alive():
+          raise RuntimeError(f"{side} worker exited with code {process.exitcode} "
+                             "before it was ready (its traceback is above)")
       if connection.recv() != "ready":
         raise RuntimeError(f"{side} worker failed to start")
 
