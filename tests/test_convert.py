@@ -21,10 +21,14 @@ def run_convert(*args):
   return convert.main([str(a) for a in args])
 
 
-def same_logits(torch_model, directory, size=64, seed=0):
+def same_logits(torch_model, directory, size=64, seed=0, jit=False):
+  """Relative logit error of the converted model; `jit`: one compilation instead of
+  one per operation (for a model no other test here runs at this size, where eager
+  operations cannot reuse earlier compilations)."""
   model, variables = riformer_jax.load_pretrained(directory)
   images = np.random.default_rng(seed).standard_normal((2, size, size, 3), np.float32)
-  return relative_error(model.apply(variables, images), ref.forward_nhwc(torch_model, images))
+  apply = jax.jit(model.apply) if jit else model.apply
+  return relative_error(apply(variables, images), ref.forward_nhwc(torch_model, images))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_timm_hub_files_import_exactly(name, suffix, tmp_path):
   assert run_convert("--arch", name, "--src", path, "--dst", tmp_path / "out") == 0
   manifest = store.read_manifest(tmp_path / "out")
   assert manifest["format"] == "timm"
-  assert same_logits(torch_model, tmp_path / "out") < 1e-5
+  assert same_logits(torch_model, tmp_path / "out", jit=name == "caformer_s18") < 1e-5
 
 
 def test_sail_poolformer_tar_imports_exactly(tmp_path):
@@ -196,4 +200,4 @@ def test_gfnet_checkpoint_imports_at_its_training_resolution(train_size, tmp_pat
   manifest = store.read_manifest(tmp_path / "out")
   assert manifest["format"] == "gfnet"
   assert manifest["kwargs"] == {"img_size": train_size, "num_classes": 1000}
-  assert same_logits(torch_model, tmp_path / "out", size=train_size) < 1e-5
+  assert same_logits(torch_model, tmp_path / "out", size=train_size, jit=True) < 1e-5

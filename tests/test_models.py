@@ -148,9 +148,9 @@ def test_drop_path_and_dropout_inactive_at_eval_active_in_training(images):
   eval_logits = evaluate(stochastic)
   np.testing.assert_array_equal(eval_logits, evaluate(plain))
 
-  run = jax.jit(lambda key: stochastic.apply(variables, images, train=True,
-                                             rngs={"dropout": key}))
-  train = lambda seed: run(jax.random.key(seed))  # noqa: E731
+  run = jax.jit(lambda v, x, key: stochastic.apply(v, x, train=True, rngs={"dropout": key}))
+  # RBG keys: XLA compiles their masks in a fraction of threefry's time.
+  train = lambda seed: run(variables, images, jax.random.key(seed, impl="rbg"))  # noqa: E731
   assert not np.allclose(train(0), eval_logits)
   assert not np.allclose(train(0), train(1))
   np.testing.assert_array_equal(train(0), train(0))
@@ -242,7 +242,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   actual, state = jax.jit(functools.partial(bf16.apply, mutable=["intermediates"]))(
       {"params": params}, images)
   assert actual.dtype == jnp.float32
-  assert relative_error(actual, expected) < 1.5e-2  # measured: 3.4e-3
+  assert relative_error(actual, expected) < 1.5e-2  # measured: 2.4e-3
   taps = state["intermediates"]["stages_2"]["blocks_0"]
   assert taps["mixer_output"][0].dtype == jnp.bfloat16
   assert taps["block_output"][0].dtype == jnp.float32  # residual stream
