@@ -32,7 +32,7 @@ edge: demo
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The fast tier for iterating (at most 3 minutes on 2 cores): the default suite less
+# The tier for iterating (goal: 3 minutes on 2 cores; over 5 today): the default suite less
 # the tests marked `heavy` (real training processes, edge runtimes, a fresh venv).
 check: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests -m "not slow and not heavy" $(PYTEST_ARGS)
