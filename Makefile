@@ -32,21 +32,26 @@ edge: demo
 roadmap: $(BIN)/.installed
 	$(BIN)/python roadmap.py --workdir=runs/roadmap --seeds=0,1,2
 
-# The tier for iterating (goal: 3 minutes on 2 cores; over 5 today): the default suite less
-# the tests marked `heavy` (real training processes, edge runtimes, a fresh venv).
+# The suites run in WORKERS processes (pytest-xdist), a test file per process at a time:
+# a file's module fixtures (one training run, one benchmark run) are made once.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q tests -n $(WORKERS) --dist loadfile
+
+# The tier for iterating: the default suite less the tests marked `heavy` (training
+# processes, edge runtimes, benchmark runs, the costliest step compilations).
 check: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests -m "not slow and not heavy" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not heavy" $(PYTEST_ARGS)
 
-# The default suite (what CI runs, with --durations=25): 19.7 min on a 2-core AMD EPYC
-# (BENCHMARKS.md, "Wall times"); the goal is 12 on the Xeon. A new .venv adds 2-4 min.
+# The default suite (what CI runs, with --durations=25); BENCHMARKS.md, "Wall times",
+# has its time. A new .venv adds 2-4 min.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
-# Also the slow tests: two training processes over loopback, SIGTERM resume, S12 and
-# PoolFormer-S12 in every edge runtime, a small bench_edge run, the bfloat16 and
-# per-layer benchmark runs, roadmap.py on an image folder.
+# Also the slow tests: two training processes over loopback, SIGTERM resume, FSDP resume,
+# S12 and PoolFormer-S12 in every edge runtime, a small bench_edge run, the bfloat16 and
+# per-layer benchmark runs, roadmap.py on an image folder, the package in a fresh venv.
 test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests -m "slow or not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "slow or not slow" $(PYTEST_ARGS)
 
 # Parameters and MACs of every registered model at 224 (no downloads).
 summary: $(BIN)/.installed

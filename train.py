@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from riformer_jax.train import faults, trainer
+from riformer_jax.train import faults
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                 lock_config=True)
@@ -68,6 +68,9 @@ def main(argv):
   if FLAGS.config.compilation_cache_dir:  # a restarted run reuses its programs
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser(FLAGS.config.compilation_cache_dir))
+  # Imported once the flags have parsed: a mistyped override is reported in a second,
+  # before TensorFlow and the models load.
+  from riformer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.accept_config_changes)
   except faults.RunError as e:

@@ -20,7 +20,7 @@ SIZE = 32
 
 
 def tiny_params(name, seed, **overrides):
-  """A tiny model and params far from their init (conftest.randomize's distributions,
+  """A tiny model and params far from their init (conftest.numpy_randomize's distributions,
   drawn by numpy: eager jax.random would compile once per shape)."""
   model = riformer_jax.create_model(name, **{**TINY, **overrides})
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))

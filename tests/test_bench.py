@@ -43,6 +43,7 @@ def results(tmp_path_factory):
                    "--torch-modes", "eager" if torch_importable() else "")
 
 
+@pytest.mark.heavy  # a benchmark run: not in `make check`
 def test_every_row_asked_for_is_there_and_timed(results):
   ours = [row for row in results["inference"] if row["framework"] == "jax"]
   assert {row["id"] for row in ours} == {
@@ -65,6 +66,7 @@ def test_every_row_asked_for_is_there_and_timed(results):
       ("poolformer", 8), ("deploy", 8)]
 
 
+@pytest.mark.heavy  # a benchmark run: not in `make check`
 def test_ratios_are_ratios_of_the_measured_medians(results):
   rows = {row["id"]: row for row in results["inference"]}
   ratios = {r["name"]: r for r in results["ratios"]}
@@ -83,6 +85,7 @@ def test_ratios_are_ratios_of_the_measured_medians(results):
   assert "| s12 | deploy / poolformer |" in throughput.tables(results)
 
 
+@pytest.mark.heavy  # a benchmark run: not in `make check`
 @pytest.mark.skipif(not torch_importable(), reason="needs torch (requirements-dev.txt)")
 def test_torch_rows(results):
   rows = {row["id"]: row for row in results["inference"] if row["framework"] == "torch"}

@@ -57,6 +57,7 @@ def test_the_ratio_is_the_mean_rate_of_ours_over_timms_with_rounds_interleaved(
   assert math.isclose(row["ratio"], 4.0)
 
 
+@pytest.mark.heavy  # a benchmark run: not in `make check`
 def test_breakdown_times_every_stage(tmp_path):
   bench_input.write_jpegs(str(tmp_path), 6)
   stages = dict(bench_input.breakdown(str(tmp_path), size=64, repeats=3))

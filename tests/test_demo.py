@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 import demo
@@ -22,7 +23,7 @@ def fake_run(workdir, role, top1, seed):
   config = demo_configs.get_config(role)
   kwargs = dict(config.model)
   model = riformer_jax.create_model(config.model_name, **kwargs)
-  # conftest.randomize's distributions (layer scales far from init's 1e-5, so the
+  # conftest.numpy_randomize's distributions (layer scales far from init's 1e-5, so the
   # deploy check below sees every block), drawn by numpy: eager init compiles per shape.
   params = random_params(model, jax.ShapeDtypeStruct((1, 96, 96, 3), jnp.float32), seed)
   if config.model_name.startswith("riformer"):  # the affine mixers away from identity
@@ -45,6 +46,7 @@ def fake_run(workdir, role, top1, seed):
     json.dump({"step": 78, "student/top1": top1, "deploy/top1": top1, "seconds": 1.0}, f)
 
 
+@pytest.mark.heavy  # a throughput measurement: not in `make check`
 def test_report_on_finished_runs(tmp_path, capsys):
   for seed, (role, top1) in enumerate((("teacher", 90.0), ("ce", 40.0),
                                        ("distilled", 75.5))):

@@ -164,6 +164,7 @@ def eight_devices(setup, default):
   return _run(*default[:2], params, images, labels, teacher, parallel.make_mesh())
 
 
+@pytest.mark.heavy  # compiles a step of its own (10-20 s): not in `make check`
 def test_a_uint8_batch_is_finished_in_the_step(setup):
   """uint8 images normalised in the step give the float batch's updates; erasing
   boxes change them. With mixing: finishing must leave the mixing draws alone. On
@@ -203,6 +204,7 @@ def test_eight_devices_match_one(setup, default, eight_devices):
   assert_same_updates(one, eight, params)
 
 
+@pytest.mark.heavy  # compiles a step of its own (10-20 s): not in `make check`
 def test_accumulation_gives_the_large_batch_update(setup, default, eight_devices):
   images, labels, _, params, teacher = setup
   whole, whole_metrics = eight_devices
@@ -237,6 +239,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     optim.learning_rate_schedule(1e-3, total_steps=10, warmup_steps=10)
 
 
+@pytest.mark.heavy  # compiles a step of its own (10-20 s): not in `make check`
 def test_fsdp_shards_large_axes_and_keeps_results(setup, default):
   images, labels, _, params, teacher = setup
   mesh = parallel.make_mesh()
@@ -284,6 +287,7 @@ def test_ema_tracks_the_params(setup, default):
     assert relative_error(ema - p0, expected - p0) < 1e-3, name
 
 
+@pytest.mark.heavy  # compiles a step of its own (10-20 s): not in `make check`
 def test_rematerialisation_changes_memory_not_results(setup):
   images, labels, _, params, _ = setup
   results = []

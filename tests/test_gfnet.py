@@ -51,7 +51,7 @@ def flax_model(config, **overrides):
 
 
 def random_params(model, seed):
-  """Every parameter far from its init, like conftest.randomize (vectors, gamma included,
+  """Every parameter far from its init, like conftest.numpy_randomize (vectors, gamma included,
   uniform in [-0.25, 1.25], kernels N(0, 1/fan_in)) but with numpy: jax.random compiles
   once per leaf shape, which costs seconds here. Filters and pos_embed: N(0, 1)."""
   rng = np.random.default_rng(seed)

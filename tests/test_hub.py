@@ -94,6 +94,7 @@ def test_the_test_lays_the_cache_out_as_huggingface_hub_does(hub_cache):
   assert {f.file_name for f in revision.files} == {"config.json", "model.safetensors"}
 
 
+@pytest.mark.heavy  # a convert.py process: not in `make check`
 def test_convert_py_imports_a_timm_hub_name_offline(hub_cache, tmp_path):
   cache, torch_model = hub_cache
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache),

@@ -124,6 +124,7 @@ def test_groups_mix_within_themselves():
       assert float(targets[rows][:, [c for c in range(batch) if c // 4 != g]].sum()) == 0
 
 
+@pytest.mark.heavy  # two sharded step compilations (20 s): not in `make check`
 def test_teachers_see_the_students_mixed_batch_in_the_sharded_train_step():
   """`Distiller.train_step` on 8 devices with mixup/CutMix, the student its own teacher
   in both roles (TINY has no dropout or drop path): the distillation terms vanish

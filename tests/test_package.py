@@ -124,7 +124,40 @@ def test_the_wheel_declares_a_light_base_and_the_extras(wheel):
     assert f"riformer-{script} = riformer_jax.{module}:main" in entry_points
 
 
-@pytest.mark.heavy  # a fresh venv: not in `make check`
+# What the base install's modules import, in a fresh interpreter of this environment
+# (which has every extra): the console commands' modules, the pure functions on params.
+BASE_IMPORTS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import riformer_jax
+    from riformer_jax.deploy import export, predict, runtimes
+    from riformer_jax.models import summary
+    from riformer_jax.weights import convert, hub, store
+    import riformer_jax.data, riformer_jax.train, riformer_jax.bench  # packages: light
+    model = riformer_jax.create_model("riformer_s12", depths=(1, 1, 1, 1),
+                                      dims=(8, 8, 8, 8), num_classes=3)
+    import jax
+    params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3)))
+    riformer_jax.reparameterize(jax.tree.map(np.ones_like, params["params"]))
+    print(sorted({m.split(".")[0] for m in sys.modules}))
+""")
+
+
+def test_the_base_modules_import_no_extra():
+  """The base install's promise, in this environment: the package, its console
+  commands and its pure functions load neither TensorFlow, torch, ml_collections nor
+  a runtime (the fresh venv below, behind `slow`, checks the install itself)."""
+  done = subprocess.run([sys.executable, "-c", BASE_IMPORTS], capture_output=True,
+                        text=True, timeout=300, cwd=REPO_ROOT)
+  assert done.returncode == 0, done.stderr
+  loaded = set(eval(done.stdout.strip().splitlines()[-1]))  # noqa: S307 (our own print)
+  assert "riformer_jax" in loaded and "jax" in loaded
+  extras = {"tensorflow", "tensorflow_datasets", "torch", "timm", "ml_collections", "onnx",
+            "onnxruntime", "openvino", "ai_edge_litert"}
+  assert not loaded & extras, loaded & extras
+
+
+@pytest.mark.slow  # a fresh venv (45 s); the default suite: test_the_base_modules_import_no_extra
 def test_a_fresh_environment_without_the_training_extra_uses_the_package(wheel, tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)

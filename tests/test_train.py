@@ -33,10 +33,12 @@ from riformer_jax.weights import store
 pytestmark = pytest.mark.heavy  # real training processes: not in `make check`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every 4 steps: checkpoints at 4, 8 and 12 (each save costs about 2 s here).
+# Every 4 steps: checkpoints at 4, 8 and 12. The processes share the session's
+# compilation cache (conftest) with each other and with the runs in this process.
 SHORT = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
          "--config.resolution=32", "--config.batch_size=32",
-         "--config.model.dims=(8, 16, 24, 32)"]
+         "--config.model.dims=(8, 16, 24, 32)",
+         f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
 
 
 def start(workdir, *overrides, config="configs/tiny.py", env=None):
@@ -106,9 +108,10 @@ def straight(tmp_path_factory):
   return workdir, output
 
 
-def tiny_config(**changes):
-  """configs/tiny.py with test_train's SHORT overrides, for runs in this process."""
-  config = tiny.get_config()
+def tiny_config(arg=None, **changes):
+  """configs/tiny.py (`arg` as after its ':') with test_train's SHORT overrides and
+  `changes` ({"aug.re_prob": 0.5, ...}), for runs in this process."""
+  config = tiny.get_config(arg)
   config.total_steps, config.checkpoint_every_steps = 12, 4
   config.resolution, config.batch_size, config.model.dims = 32, 32, (8, 16, 24, 32)
   for field, value in changes.items():
@@ -199,11 +202,22 @@ def test_a_run_shows_progress_and_writes_tensorboard_and_its_config(straight):
         assert recorded[line["step"]] == pytest.approx(value, rel=1e-6), name
 
 
-def test_rerunning_a_finished_run_evaluates_it_again(straight, tmp_path):
+def train_here(workdir, capsys, arg=None, **changes):
+  """The trainer in this process on `tiny_config(arg, **changes)`: (final metrics or
+  the `RunError`'s message, what it printed)."""
+  try:
+    result = trainer.train_and_evaluate(tiny_config(arg, **changes), str(workdir))
+  except faults.RunError as error:
+    result = str(error)
+  return result, capsys.readouterr().out
+
+
+def test_rerunning_a_finished_run_evaluates_it_again(straight, tmp_path, capsys):
   shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
   # A harmless change (how often to log) is accepted and said.
-  code, output = run(tmp_path, "--config.log_every_steps=3")
-  assert code == 0 and "resumed from step 12" in output, output
+  final, output = train_here(tmp_path, capsys, log_every_steps=3)
+  assert isinstance(final, dict), final  # finished, not a RunError
+  assert "resumed from step 12" in output, output
   assert "log_every_steps: 4 -> 3" in output
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[-1]) == json.loads(lines[-2])  # the same final evaluation
@@ -245,10 +259,9 @@ def test_fsdp_run_resumes_from_a_sharded_checkpoint(straight, tmp_path):
                    rtol=1e-4, atol=1e-6)
 
 
-def test_a_diverging_run_stops_before_saving_non_finite_values(tmp_path):
-  code, output = run(tmp_path, "--config.lr=1e4")
-  assert code != 0 and "Traceback" not in output, output
-  (message,) = [line for line in output.splitlines() if "non-finite" in line]
+def test_a_diverging_run_stops_before_saving_non_finite_values(tmp_path, capsys):
+  message, _ = train_here(tmp_path, capsys, lr=1e4)
+  assert isinstance(message, str) and "non-finite" in message, message
   bad_step = int(message.split(" at step ")[1].split(":")[0])
   assert "grad_norm" in message or "loss/total" in message
   saved = checkpoint_steps(tmp_path)
@@ -258,15 +271,16 @@ def test_a_diverging_run_stops_before_saving_non_finite_values(tmp_path):
   assert not (tmp_path / "student").exists() and not (tmp_path / "deploy").exists()
 
 
-def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, tmp_path):
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, tmp_path,
+                                                                     capsys):
   shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
   shutil.rmtree(tmp_path / "student")
   # Step 12 with truncated array files, step 8 with broken metadata.
   for data in (tmp_path / "checkpoints" / "12").rglob("d/*"):
     data.write_bytes(data.read_bytes()[:50])
   (tmp_path / "checkpoints" / "8" / "default" / "_METADATA").write_text("{")
-  code, output = run(tmp_path, "--config.log_every_steps=4")
-  assert code == 0 and "Traceback" not in output, output
+  final, output = train_here(tmp_path, capsys, log_every_steps=4)
+  assert isinstance(final, dict), final
   assert "checkpoint step 12 does not restore" in output
   assert "checkpoint step 8 does not restore" in output
   assert resumed_step(output) == 4
@@ -276,9 +290,8 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_nothing_is_lost(straight, 
   # When no checkpoint restores: an error naming the workdir, nothing moved.
   for step in checkpoint_steps(tmp_path):
     (tmp_path / "checkpoints" / str(step) / "default" / "_METADATA").write_text("{")
-  code, output = run(tmp_path)
-  assert code != 0 and "Traceback" not in output, output
-  assert f"no checkpoint in {tmp_path}/checkpoints restores" in output
+  message, _ = train_here(tmp_path, capsys, log_every_steps=4)
+  assert f"no checkpoint in {tmp_path}/checkpoints restores" in message
   assert checkpoint_steps(tmp_path) == [4, 8, 12]
 
 
@@ -293,7 +306,7 @@ def test_resuming_with_another_config_is_refused_before_compiling(straight, tmp_
   assert "compiled" not in output
 
 
-def test_distillation_with_teachers_and_teacher_init(tmp_path):
+def test_distillation_with_teachers_and_teacher_init(tmp_path, capsys):
   # A converted teacher directory, as convert.py writes one.
   teacher = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 2, 1),
                                       dims=(8, 16, 24, 32), num_classes=10)
@@ -301,11 +314,10 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path):
   store.save_pretrained(tmp_path / "teacher", "poolformer_s12",
                              dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
                                   num_classes=10), params)
-  code, output = run(tmp_path / "run", "--config.total_steps=4",
-                     f"--config.teachers.logit={tmp_path / 'teacher'}",
-                     f"--config.teachers.feature={tmp_path / 'teacher'}",
-                     config="configs/tiny.py:with_teacher")
-  assert code == 0, output
+  final, output = train_here(tmp_path / "run", capsys, "with_teacher", total_steps=4,
+                             **{"teachers.logit": str(tmp_path / "teacher"),
+                                "teachers.feature": str(tmp_path / "teacher")})
+  assert isinstance(final, dict), final
   logged = list(map(json.loads,
                     (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
   # One directory in both roles: loaded and evaluated once, reported under both.
@@ -319,22 +331,24 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path):
   # The same directory with damaged arrays: named, with the cause, no traceback.
   for data in (tmp_path / "teacher" / "variables").rglob("d/*"):
     data.write_bytes(data.read_bytes()[:20])
-  code, output = run(tmp_path / "run2", f"--config.teachers.logit={tmp_path / 'teacher'}",
-                     config="configs/tiny.py:with_teacher")
-  assert code != 0 and "Traceback" not in output, output
-  assert f"config.teachers.logit='{tmp_path / 'teacher'}' is not a readable model" in output
+  message, _ = train_here(tmp_path / "run2", capsys, "with_teacher",
+                          **{"teachers.logit": str(tmp_path / "teacher")})
+  assert f"config.teachers.logit='{tmp_path / 'teacher'}' is not a readable model" in message
 
 
 def test_bad_configuration_is_named(tmp_path):
-  code, output = run(tmp_path, "--config.batch_sise=8")
+  # The command line's own messages: three processes side by side.
+  processes = [start(tmp_path, override) for override in (
+      "--config.batch_sise=8", "--config.model.dims=(8, 16, x, 32)", "--config.lr=fast")]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  (code, output), (dims_code, dims), (lr_code, lr) = [
+      (p.returncode, out) for p, out in zip(processes, outputs)]
   assert code != 0 and "Traceback" not in output
   assert "--config.batch_sise: no such config field; did you mean --config.batch_size?" \
       in output
-  code, output = run(tmp_path, "--config.model.dims=(8, 16, x, 32)")
-  assert code != 0 and "Traceback" not in output
-  assert "--config.model.dims" in output and "expected a tuple of int" in output
-  code, output = run(tmp_path, "--config.lr=fast")
-  assert code != 0 and "Traceback" not in output and "--config.lr=fast" in output
+  assert dims_code != 0 and "Traceback" not in dims
+  assert "--config.model.dims" in dims and "expected a tuple of int" in dims
+  assert lr_code != 0 and "Traceback" not in lr and "--config.lr=fast" in lr
   # A RunError is what train.py prints as its one line (main); these come from the
   # trainer, so they are checked in this process.
   def fault(**changes):

@@ -23,6 +23,7 @@ and counted in `source.report` with their paths, and a warning names them.
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -74,15 +75,22 @@ class Source:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _synthetic_split(split, seed, num_examples):
+  """One embedded split as (images, labels) constants, generated once per process:
+  demo.py and roadmap.py train many runs on the same two splits, and a generation
+  takes seconds. Tensors are immutable, so the runs can share them."""
+  images, labels = synthetic.generate(split, num_examples, seed=seed)
+  return tf.constant(images), tf.constant(labels, tf.int32)
+
+
 class SyntheticSource(Source):
   """The embedded data set, held in memory as decoded uint8 images."""
 
-  def __init__(self, split, seed=0, num_examples=None, **kwargs):
-    images, labels = synthetic.generate(split, num_examples, seed=seed, **kwargs)
-    super().__init__("synthetic", split, len(labels), synthetic.NUM_CLASSES,
+  def __init__(self, split, seed=0, num_examples=None):
+    self.images, self.labels = _synthetic_split(split, seed, num_examples)
+    super().__init__("synthetic", split, int(self.labels.shape[0]), synthetic.NUM_CLASSES,
                      class_names=list(synthetic.CLASS_NAMES))
-    self.images = tf.constant(images)
-    self.labels = tf.constant(labels, tf.int32)
 
   def lookup(self, index):
     return tf.gather(self.images, index), tf.gather(self.labels, index)
