@@ -60,3 +60,14 @@ def relative_error(actual, expected):
 @pytest.fixture
 def images():
   return jax.random.normal(jax.random.key(0), (2, 64, 64, 3), jnp.float32)
+
+
+# The longest files first: `make test` hands whole files to its two workers in this
+# order, so neither worker is left alone with a long file at the end.
+LONGEST_FILES = ("test_train.py", "test_distill.py", "test_export.py", "test_mixup.py",
+                 "test_bench.py", "test_convert.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
