@@ -12,10 +12,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared by the trainer runs in this
 # process and in train.py processes (test_train passes it on): the tiny models' programs
 # compile once instead of once a run. Every program, however quick to compile: a run
-# compiles about 200 of them.
+# compiles about 200 of them. A folder per pytest-xdist worker, since JAX writes its
+# entries in place (no lock without a size limit): one worker could read another's
+# half-written entry.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="riformer_jax_xla_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
