@@ -159,6 +159,7 @@ def test_the_pytorch_deploy_riformer_computes_our_deploy_function():
                         jax.jit(ours.apply)({"params": params}, images)) < 1e-5
 
 
+@pytest.mark.heavy  # compiles and times two batches: not in `make check`
 def test_the_largest_batch_search_stops_at_the_first_failure(monkeypatch):
   # Out of memory cannot be provoked on a CPU with 24 GiB; a failing timing at batch
   # 16 stands in for it, where the GPU run would meet it (compile or execution).

@@ -315,6 +315,7 @@ def test_dropout_and_drop_path_in_training():
     flax_model(TINY_PLAIN, drop_path_rate=1.0)
 
 
+@pytest.mark.heavy  # 54M parameters forward in both frameworks: not in `make check`
 def test_full_size_gfnet_h_b():
   """The released architecture at 224, and at 64 with its filters (56, 29) ... (7, 4)
   resized on the fly."""
