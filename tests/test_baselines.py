@@ -1,4 +1,5 @@
-"""PoolFormerV2, ConvFormer and CAFormer (the teachers) against timm on the same weights."""
+"""PoolFormerV2, ConvFormer and CAFormer (the teachers) against timm on the same weights;
+RandFormer, which timm lacks, in test_randformer.py."""
 
 import functools
 
@@ -64,13 +65,14 @@ def test_every_size_has_timms_keys_and_shapes(name):
   assert ours == expected
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("randformer",))
 def test_teacher_taps_pair_with_a_riformer_student_of_the_same_shape(family):
-  size = "s12" if family == "poolformerv2" else "s18"
+  size = "s18" if family in ("convformer", "caformer") else "s12"
   shape = dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=10)
 
   def taps(name):  # shapes only: traced, not run
-    model = riformer_jax.create_model(name, **shape)
+    extra = {"img_size": 32} if name.startswith("randformer") else {}
+    model = riformer_jax.create_model(name, **shape, **extra)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
     init = functools.partial(model.init, mutable=True)  # keep the sown taps
     abstract = jax.eval_shape(init, jax.random.key(0), images)

@@ -1,5 +1,6 @@
-"""The "MetaFormer Baselines for Vision" family as timm ships it: PoolFormerV2,
-ConvFormer and CAFormer (Yu et al., TPAMI 2024), used here as teachers.
+"""The "MetaFormer Baselines for Vision" family (Yu et al., TPAMI 2024): PoolFormerV2,
+ConvFormer and CAFormer as timm ships them, and RandFormer, which only the original
+repository (sail-sg/metaformer) has; used here as teachers.
 
 Flax Linen, NHWC, parameters named after timm's `metaformer.py` so that every key maps
 mechanically (`riformer_jax.weights.torch_keys`, format "timm"):
@@ -7,9 +8,10 @@ mechanically (`riformer_jax.weights.torch_keys`, format "timm"):
     stem/conv/{kernel,bias}, stem/norm/scale    7x7/4 conv, then LayerNorm over C
     stages_{i}/downsample/{norm/scale,conv/*}   LayerNorm, then 3x3/2 conv (i > 0)
     stages_{i}/blocks_{j}/norm1/scale           GroupNorm(1) or LayerNorm, no bias
-    stages_{i}/blocks_{j}/token_mixer/...       pooling: none; sepconv: pwconv1, act1
-                                                (StarReLU), dwconv 7x7, pwconv2;
-                                                attention: qkv, proj (no biases)
+    stages_{i}/blocks_{j}/token_mixer/...       pooling, identity: none; sepconv:
+                                                pwconv1, act1 (StarReLU), dwconv 7x7,
+                                                pwconv2; attention: qkv, proj (no
+                                                biases); random: random_matrix (N, N)
     stages_{i}/blocks_{j}/res_scale{1,2}        stages with a residual scale only
     stages_{i}/blocks_{j}/norm2/scale, mlp/{fc1,act,fc2}   StarReLU MLP, no biases
     head/norm/{scale,bias}                      pool, then LayerNorm over C
@@ -40,7 +42,7 @@ from riformer_jax.models.metaformer import (
   weight_init,
 )
 
-TOKEN_MIXERS = ("pooling", "sepconv", "attention")
+TOKEN_MIXERS = ("pooling", "sepconv", "attention", "identity", "random")
 NORMS = ("groupnorm", "layernorm")
 
 
@@ -104,6 +106,37 @@ class Attention(nn.Module):
     return einops.rearrange(out, "n (h w) c -> n h w c", h=height, w=width)
 
 
+def _random_mixing_init(key, shape, dtype=jnp.float32):
+  """The original's draw: uniform in [0, 1), then a softmax over each row."""
+  return jax.nn.softmax(jax.random.uniform(key, shape, dtype), axis=-1)
+
+
+class RandomMixing(nn.Module):
+  """RandFormer's token mixer: token m becomes sum_n R[m, n] * token n, with R an
+  (N, N) matrix over the N = H*W tokens, drawn once and frozen (no gradient reaches
+  it; `train.optim.decay_mask` spares it). The matrix fixes the token count, so the
+  model is built for one input size (`MetaFormerBaseline.img_size`): at 224 px, 196
+  tokens in stage 3 and 49 in stage 4."""
+
+  num_tokens: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _, height, width, _ = x.shape
+    if height * width != self.num_tokens:
+      raise ValueError(
+          f"RandFormer's random mixing in {'/'.join(self.path[:-1])} mixes "
+          f"{self.num_tokens} tokens, but this input gives a {height}x{width} grid there "
+          f"({height * width} tokens): feed the input size the model was built for "
+          "(its img_size), or build one for this size (its own random matrices)")
+    matrix = self.param("random_matrix", _random_mixing_init,
+                        (self.num_tokens, self.num_tokens))
+    mixed = jnp.einsum("mn,bnc->bmc", jax.lax.stop_gradient(matrix).astype(self.dtype),
+                       einops.rearrange(x, "b h w c -> b (h w) c").astype(self.dtype))
+    return einops.rearrange(mixed, "b (h w) c -> b h w c", h=height, w=width)
+
+
 class StarMlp(nn.Module):
   """fc1 (x4), StarReLU, dropout, fc2, dropout; no biases."""
 
@@ -127,6 +160,7 @@ class BaselineBlock(nn.Module):
   token_mixer: str
   norm: str
   res_scale: bool
+  num_tokens: int = 0  # the random mixer's N
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -147,6 +181,10 @@ class BaselineBlock(nn.Module):
       mixed = Pooling(name="token_mixer")(normed)
     elif self.token_mixer == "sepconv":
       mixed = SepConv(self.dtype, name="token_mixer")(normed)
+    elif self.token_mixer == "identity":
+      mixed = normed
+    elif self.token_mixer == "random":
+      mixed = RandomMixing(self.num_tokens, self.dtype, name="token_mixer")(normed)
     else:
       mixed = Attention(dtype=self.dtype, name="token_mixer")(normed)
     self.sow("intermediates", "mixer_output", mixed)
@@ -201,18 +239,20 @@ class BaselineHead(nn.Module):
 
 
 class MetaFormerBaseline(nn.Module):
-  """PoolFormerV2 / ConvFormer / CAFormer classifier.
+  """PoolFormerV2 / ConvFormer / CAFormer / RandFormer classifier.
 
   Attributes:
     depths: blocks per stage.
     dims: channels per stage.
-    token_mixers: per stage, one of "pooling", "sepconv", "attention".
+    token_mixers: per stage, one of `TOKEN_MIXERS`.
     norm: "groupnorm" (GroupNorm(1): PoolFormerV2) or "layernorm" (over C).
     res_scale: per stage, whether the skip paths carry a learnable scale.
     mlp_head: the MLP head (ConvFormer, CAFormer) rather than a linear one.
     num_classes: classifier outputs; 0 returns the pooled, normalised features.
     drop_rate: dropout in the MLPs and the head.
     drop_path_rate: stochastic depth of the last block, ramped linearly from 0.
+    img_size: the input size the random mixers' matrices are made for (RandFormer
+      runs at this size only; the other mixers take any size).
     dtype: compute dtype; norm statistics and the residual stream stay float32.
   """
 
@@ -225,6 +265,7 @@ class MetaFormerBaseline(nn.Module):
   num_classes: int = 1000
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
+  img_size: int = 224
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -251,7 +292,8 @@ class MetaFormerBaseline(nn.Module):
         stagewise_drop_path_rates(self.depths, self.drop_path_rate)):
       block = functools.partial(
           BaselineBlock, token_mixer=self.token_mixers[i], norm=self.norm,
-          res_scale=self.res_scale[i], drop_rate=self.drop_rate, dtype=self.dtype)
+          res_scale=self.res_scale[i], num_tokens=stage_grid(self.img_size, i) ** 2,
+          drop_rate=self.drop_rate, dtype=self.dtype)
       downsample = functools.partial(
           ConvNorm, self.dims[i], 3, 2, 1, norm_first=True, dtype=self.dtype
       ) if i > 0 else None
@@ -259,6 +301,15 @@ class MetaFormerBaseline(nn.Module):
 
     return BaselineHead(self.num_classes, self.mlp_head, self.drop_rate, self.dtype,
                         name="head")(x, train)
+
+
+def stage_grid(size, stage):
+  """The side of stage `stage`'s token grid for a `size` x `size` input: the 7x7/4 stem
+  (padding 2), then a 3x3/2 convolution (padding 1) before each later stage."""
+  side = (size + 2 * 2 - 7) // 4 + 1
+  for _ in range(stage):
+    side = (side + 2 * 1 - 3) // 2 + 1
+  return side
 
 
 class ConvNorm(nn.Module):

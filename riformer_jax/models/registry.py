@@ -1,8 +1,9 @@
 """Model registry: `create_model("riformer_s12", deploy=True)` and friends.
 
 Students and their MetaFormer relatives (riformer_, identityformer_, poolformer_ with
-s12 ... m48) and the teachers: timm's poolformerv2_ (s12 ... m48), convformer_ and
-caformer_ (s18, s36, m36, b36), and GFNet (gfnet_ti/xs/s/b, gfnet_h_ti/h_s/h_b).
+s12 ... m48) and the teachers: the MetaFormer baselines poolformerv2_ and randformer_
+(s12 ... m48), convformer_ and caformer_ (s18, s36, m36, b36), and GFNet (gfnet_ti/xs/
+s/b, gfnet_h_ti/h_s/h_b).
 """
 
 import dataclasses
@@ -23,15 +24,17 @@ _FAMILIES = {
     "poolformer": dict(token_mixer="pooling"),
 }
 
-# timm's MetaFormer baselines (docs/reference.md section 2): name -> depths, dims.
+# The MetaFormer baselines (docs/reference.md section 2): name -> depths, dims.
+_V2_SIZES = {
+    "s12": ((2, 2, 6, 2), (64, 128, 320, 512)),
+    "s24": ((4, 4, 12, 4), (64, 128, 320, 512)),
+    "s36": ((6, 6, 18, 6), (64, 128, 320, 512)),
+    "m36": ((6, 6, 18, 6), (96, 192, 384, 768)),
+    "m48": ((8, 8, 24, 8), (96, 192, 384, 768)),
+}
 _BASELINE_SIZES = {
-    "poolformerv2": {
-        "s12": ((2, 2, 6, 2), (64, 128, 320, 512)),
-        "s24": ((4, 4, 12, 4), (64, 128, 320, 512)),
-        "s36": ((6, 6, 18, 6), (64, 128, 320, 512)),
-        "m36": ((6, 6, 18, 6), (96, 192, 384, 768)),
-        "m48": ((8, 8, 24, 8), (96, 192, 384, 768)),
-    },
+    "poolformerv2": _V2_SIZES,
+    "randformer": _V2_SIZES,
     **{family: {
         "s18": ((3, 3, 9, 3), (64, 128, 320, 512)),
         "s36": ((3, 12, 18, 3), (64, 128, 320, 512)),
@@ -41,6 +44,8 @@ _BASELINE_SIZES = {
 }
 _BASELINE_FAMILIES = {
     "poolformerv2": dict(token_mixers=("pooling",) * 4, norm="groupnorm"),
+    # Identity in stages 1-2, a frozen random token-mixing matrix in stages 3-4.
+    "randformer": dict(token_mixers=("identity",) * 2 + ("random",) * 2, norm="groupnorm"),
     "convformer": dict(token_mixers=("sepconv",) * 4, norm="layernorm", mlp_head=True),
     "caformer": dict(token_mixers=("sepconv",) * 2 + ("attention",) * 2,
                      norm="layernorm", mlp_head=True),

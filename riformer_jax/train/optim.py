@@ -9,8 +9,11 @@ def decay_mask(params):
   """Weight decay on conv/dense kernels only (rank >= 2 here). Norms, biases, layer and
   residual scales and RIFormer's affine mixer are vectors in our layout, so none of
   them decays (in PyTorch the affine weight is a (C,1,1,1) conv kernel; the paper's
-  intent, and timm's "no decay for 1-D params" rule applied to our layout, agree)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  intent, and timm's "no decay for 1-D params" rule applied to our layout, agree).
+  RandFormer's random matrix is frozen (PyTorch's requires_grad=False): no decay."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "random_matrix",
+      params)
 
 
 def peak_learning_rate(base_lr, global_batch_size, reference_batch_size=1024):

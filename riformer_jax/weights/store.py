@@ -120,7 +120,9 @@ def build_model(name, kwargs, **overrides):
   # it can be a static argument of jax.jit.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   model = registry.create_model(name, **{**kwargs, **overrides})
-  return model, counting.abstract_variables(model, 64)["params"]
+  # At the size a model is built for where it has one (RandFormer's matrices, GFNet's
+  # filters); shapes only, so any size costs the same.
+  return model, counting.abstract_variables(model, getattr(model, "img_size", 64))["params"]
 
 
 def load_directory(directory, **overrides):

@@ -60,12 +60,14 @@ def read_torch_state_dict(path):
 
 
 def detect_format(state_dict):
-  """"mmpretrain", "sail", "timm" or "gfnet", from the key names."""
+  """"mmpretrain", "sail", "timm", "metaformer" or "gfnet", from the key names."""
   keys = set(state_dict)
   if any(k.startswith("backbone.") for k in keys):
     return "mmpretrain"
   if "stem.conv.weight" in keys:
     return "timm"
+  if "downsample_layers.0.conv.weight" in keys:
+    return "metaformer"
   if "patch_embed.proj.weight" in keys and any(k.startswith("network.") for k in keys):
     return "sail"
   if "pos_embed" in keys and any(k.startswith("blocks.") for k in keys):
@@ -84,6 +86,7 @@ def _family_kwargs(name, fmt, state_dict):
       "mmpretrain": ("riformer", "poolformer"),
       "sail": ("riformer", "poolformer"),
       "timm": ("poolformer", "poolformerv2", "convformer", "caformer"),
+      "metaformer": ("poolformerv2", "randformer"),
       "gfnet": ("gfnet", "gfnet_h"),
   }[fmt]
   if family not in allowed:
@@ -94,6 +97,16 @@ def _family_kwargs(name, fmt, state_dict):
     # Fine-tuned GFNets (e.g. at 384) carry larger filters: build the model to fit.
     grid = math.isqrt(np.shape(state_dict["pos_embed"])[1])
     kwargs["img_size"] = grid * registry.create_model(name).patch_size
+  matrix = state_dict.get("stages.3.0.token_mixer.random_matrix")
+  if family == "randformer" and matrix is not None:
+    # The last stage's matrix tells the input size it was made for: a side-s grid there
+    # comes from 32s px (7x7 tokens: 224).
+    tokens = np.shape(matrix)[0]
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+      raise ValueError(f"stages.3.0.token_mixer.random_matrix {np.shape(matrix)}: "
+                       "expected a square token grid")
+    kwargs["img_size"] = 32 * side
   if module_class is metaformer.MetaFormer:
     if fmt == "timm":
       kwargs["head"] = "timm"  # timm's PoolFormer head: pool, LayerNorm, fc
@@ -146,7 +159,8 @@ def params_from_torch(state_dict, name, fmt="auto", num_classes=None, seed=0):
 
 def _reinitialise_classifier(name, kwargs, params, classifier, num_classes, seed):
   model = registry.create_model(name, **kwargs, num_classes=num_classes)
-  fresh = jax.jit(model.init)(jax.random.key(seed), np.zeros((1, 64, 64, 3), np.float32))
+  size = getattr(model, "img_size", 64)  # RandFormer and GFNet run at their own size
+  fresh = jax.jit(model.init)(jax.random.key(seed), np.zeros((1, size, size, 3), np.float32))
   fresh = traverse_util.flatten_dict(jax.device_get(fresh["params"]), sep="/")
   flat = traverse_util.flatten_dict(params, sep="/")
   flat.update({path: fresh[path] for path in classifier})

@@ -8,13 +8,17 @@
   param paths mirror timm's names). timm's PoolFormer v1 head is pool -> LayerNorm ->
   fc: build that model with `head="timm"`. The params do not record which head they
   belong to (the shapes are the same), so the caller pairs the format with the head.
+- "metaformer": sail-sg/metaformer's `metaformer_baselines.py`, the original of the
+  baselines and the only home of RandFormer (`downsample_layers.{i}`, `stages.{i}.{j}`,
+  `norm`, `head`); its MLPs are linear layers on NHWC tensors. Checked against a
+  reference of that code for RandFormer and PoolFormerV2 (convert.py takes those two).
 - "gfnet": raoyongming/GFNet checkpoints (`ckpt["model"]`: `patch_embed(.i)`,
   `blocks.i(.j)`, `pos_embed`, `norm`, `head`), at the end of this file.
 
 Tensors are numpy arrays; nothing here imports torch. Layouts: a conv kernel is OIHW
 in PyTorch and HWIO here; 1x1 convs (O, I, 1, 1) and linear layers (O, I) are Dense
 kernels (I, O) here; the affine mixer's depthwise weight (C, 1, 1, 1) is a vector (C,)
-here.
+here; RandFormer's (N, N) token-mixing matrix has the same layout in both.
 """
 
 import math
@@ -23,7 +27,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-FORMATS = ("mmpretrain", "sail", "timm", "gfnet")
+FORMATS = ("mmpretrain", "sail", "timm", "metaformer", "gfnet")
 
 _BLOCK_RE = re.compile(r"stages_(\d+)/blocks_(\d+)/(.+)")
 _DOWNSAMPLE_RE = re.compile(r"stages_(\d+)/downsample/(kernel|bias)")
@@ -48,6 +52,8 @@ def torch_key(path, fmt):
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
   if fmt == "timm":
     return _timm_key(path)
+  if fmt == "metaformer":
+    return _metaformer_key(path)
   if fmt == "gfnet":
     return gfnet_torch_key(path)
   prefix = "backbone." if fmt == "mmpretrain" else ""
@@ -92,6 +98,31 @@ def _timm_key(path):
   return re.sub(r"_(\d+)", r".\1", ".".join(parts))
 
 
+def _metaformer_key(path):
+  """The original baselines' names: timm's with `downsample_layers.{i}` for the stem
+  (conv, `post_norm`) and the downsampling (`pre_norm`, conv), blocks straight under
+  `stages.{i}`, and the head's LayerNorm as the model's own `norm`."""
+  parts = path.split("/")
+  if "norm_reparam" in parts or parts[-2:] in (["token_mixer", "scale"],
+                                               ["token_mixer", "bias"]):
+    raise KeyError(f"{path}: no metaformer equivalent (RIFormer's affine mixer)")
+  if parts[0] == "stem":
+    parts[0:2] = ["downsample_layers_0", {"conv": "conv", "norm": "post_norm"}[parts[1]]]
+  elif len(parts) > 1 and parts[1] == "downsample":
+    stage = parts[0].split("_")[1]
+    parts[0:3] = [f"downsample_layers_{stage}",
+                  {"conv": "conv", "norm": "pre_norm"}[parts[2]]]
+  elif parts[0] == "head":
+    parts = ["norm", parts[-1]] if parts[1] == "norm" else ["head", *parts[2:]]
+  elif len(parts) > 1 and parts[1].startswith("blocks_"):
+    parts[1] = parts[1][len("blocks_"):]  # stages.{i}.{j}
+  if re.fullmatch(r"res_scale\d", parts[-1]):
+    parts.append("scale")
+  elif parts[-1] == "kernel" or parts[-1] == "scale" and "norm" in parts[-2]:
+    parts[-1] = "weight"
+  return re.sub(r"_(\d+)", r".\1", ".".join(parts))
+
+
 def _block_of(path):
   return "/".join(path.split("/")[:2])
 
@@ -101,10 +132,13 @@ def _to_torch(path, value, fmt, attention_blocks):
     return gfnet_to_torch(path, value)
   if value.ndim == 4:  # HWIO -> OIHW
     return value.transpose(3, 2, 0, 1)
+  if path.endswith("/random_matrix"):
+    return value
   if value.ndim == 2:
-    # Channel MLPs and SepConv's pointwise layers are 1x1 convs in PyTorch, except in
-    # timm's attention stages, which run on tokens; heads are linear layers.
-    conv1x1 = (("/mlp/" in path or "/pwconv" in path)
+    # Channel MLPs and SepConv's pointwise layers are 1x1 convs in timm, except in its
+    # attention stages, which run on tokens; heads are linear layers. The original
+    # baselines use linear layers throughout.
+    conv1x1 = (fmt != "metaformer" and ("/mlp/" in path or "/pwconv" in path)
                and _block_of(path) not in attention_blocks)
     return value.T[:, :, None, None] if conv1x1 else value.T
   if path.endswith("token_mixer/scale"):  # the affine mixer's depthwise 1x1 conv
@@ -116,6 +150,8 @@ def _from_torch(path, value, fmt, shape):
   """The inverse of `_to_torch`, guided by the shape we expect."""
   if fmt == "gfnet":
     return gfnet_from_torch(path, value)
+  if path.endswith("/random_matrix"):
+    return value
   if len(shape) == 4 and value.ndim == 4:
     return value.transpose(2, 3, 1, 0)
   if len(shape) == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
