@@ -4,12 +4,15 @@ RandFormer, which timm lacks, in test_randformer.py."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import riformer_jax
-from riformer_jax.models import counting
+from conftest import random_params, relative_error
+from riformer_jax.models import baselines, counting
+from riformer_jax.train import losses
 from riformer_jax.weights import torch_keys
 import torch_reference as ref
 
@@ -90,3 +93,40 @@ def test_bad_configurations_name_the_field():
     riformer_jax.create_model("convformer_s18", norm="batchnorm")
   with pytest.raises(TypeError, match=r"unknown argument\(s\) \['token_mixer'\]"):
     riformer_jax.create_model("convformer_s18", token_mixer="sepconv")
+
+
+@pytest.mark.parametrize("family,mixer_stage", [
+    ("randformer", 2), ("poolformerv2", 2), ("convformer", 1), ("caformer", 2)])
+def test_the_taps_are_the_mixers_input_and_output(family, mixer_stage):
+  """Per teacher family, in a stage with its token mixer (random mixing, pooling,
+  separable convolution, attention): `mixer_output` is that mixer applied to
+  norm1(`block_input`), recomputed here from the block's own params; blocks chain; and
+  module imitation against a RIFormer student of the same shape runs on these taps."""
+  size = "s18" if family in ("convformer", "caformer") else "s12"
+  shape = dict(depths=(1, 2, 2, 1), dims=(16, 32, 64, 96), num_classes=10)
+  extra = {"img_size": 64} if family == "randformer" else {}
+  model = riformer_jax.create_model(f"{family}_{size}", **shape, **extra)
+  images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+  params = random_params(model, images[:1], 11)
+  _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, images)
+  taps = state["intermediates"][f"stages_{mixer_stage}"]
+  block = params[f"stages_{mixer_stage}"]["blocks_0"]
+  normed = baselines._norm(model.norm, jnp.float32, "norm1").apply(
+      {"params": block["norm1"]}, taps["blocks_0"]["block_input"][0])
+  mixer = {"randformer": baselines.RandomMixing(normed.shape[1] * normed.shape[2]),
+           "poolformerv2": baselines.Pooling(), "convformer": baselines.SepConv(),
+           "caformer": baselines.Attention()}[family]
+  expected = mixer.apply({"params": block.get("token_mixer", {})}, normed)
+  assert relative_error(taps["blocks_0"]["mixer_output"][0], expected) < 1e-5
+  np.testing.assert_array_equal(taps["blocks_0"]["block_output"][0],
+                                taps["blocks_1"]["block_input"][0])
+
+  student = riformer_jax.create_model("riformer_s12", **shape)
+  _, student_state = jax.jit(lambda p, x: student.apply(
+      {"params": p}, x, mutable=["intermediates"]))(random_params(student, images[:1], 12),
+                                                    images)
+  blocks = ("stages_1/blocks_1", "stages_2/blocks_0", "stages_3/blocks_0")
+  terms = losses.module_imitation(student_state["intermediates"], state["intermediates"],
+                                  blocks)
+  assert all(np.isfinite(float(v)) and float(v) > 0 for v in terms.values()), terms
