@@ -318,6 +318,7 @@ def test_eval_counts_with_fewer_than_five_classes():
   assert (int(top1), int(top5), int(count)) == (3, 5, 5)
 
 
+@pytest.mark.heavy  # compiles a step of its own (10-20 s): not in `make check`
 def test_a_shared_teacher_gives_the_same_steps_with_one_forward_pass(setup, default):
   images, labels, _, params, teacher = setup
   distiller, separate, _ = default

@@ -68,6 +68,7 @@ def test_parameter_counts_match_the_original(size):
       k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
 
 
+@pytest.mark.heavy  # S12 forward in both frameworks: not in `make check`
 @pytest.mark.parametrize("img_size", [224, 384])
 def test_convert_imports_an_original_randformer_s12_exactly(tmp_path, img_size):
   """A checkpoint made at 224, or at 384 (576 and 144 tokens): convert.py tells the
