@@ -13,6 +13,7 @@ from flax import traverse_util
 
 import riformer_jax
 import torch_metaformer as original
+import torch_reference as ref
 from conftest import random_params, relative_error
 from riformer_jax.models import baselines, counting, registry
 from riformer_jax.train import optim
@@ -27,25 +28,20 @@ PUBLISHED = {"s12": (11.9, 0.2), "s24": (21.3, 0.5), "s36": (30.8, 0.7),
 
 def torch_randformer(size=None, img_size=224, seed=0, num_classes=1000, **shape):
   """The reference at a registered `size` or a given `shape`, with the matrices of
-  `img_size`'s grids (seeded) and every other parameter far from its init."""
+  `img_size`'s grids and every parameter far from its init."""
   if size:
-    shape = dict(zip(("depths", "dims"), registry._BASELINE_SIZES["randformer"][size]))
+    kwargs = registry.model_kwargs(f"randformer_{size}")
+    shape = dict(depths=kwargs["depths"], dims=kwargs["dims"])
   tokens = tuple(baselines.stage_grid(img_size, stage) ** 2 for stage in (2, 3))
-  torch.manual_seed(seed)
   model = original.MetaFormer(mixer="random", tokens=tokens, num_classes=num_classes,
                               **shape)
-  return original.randomize_(model, seed)
+  return ref.randomize_(model, seed).eval()
 
 
 def logits_error(torch_model, model, variables, size):
   images = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
-  with torch.no_grad():
-    expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  return relative_error(jax.jit(model.apply)(variables, images), expected)
-
-
-def numpy_state_dict(torch_model):
-  return {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  return relative_error(jax.jit(model.apply)(variables, images),
+                        ref.forward_nhwc(torch_model, images))
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))
@@ -92,7 +88,7 @@ def test_tiny_randformers_match_at_their_size_and_refuse_another(img_size):
   model = riformer_jax.create_model("randformer_s12", num_classes=10, img_size=img_size,
                                     **TINY)
   abstract = counting.abstract_variables(model, img_size)["params"]
-  state_dict = numpy_state_dict(torch_model)
+  state_dict = ref.numpy_state_dict(torch_model)
   params = torch_keys.params_from_state_dict(state_dict, abstract, "metaformer")
   assert logits_error(torch_model, model, {"params": params}, img_size) < 1e-5
   back = torch_keys.state_dict_from_params(params, "metaformer")
@@ -131,11 +127,10 @@ def test_the_random_matrices_stay_frozen_in_training():
 
 
 def test_an_original_poolformerv2_imports_from_the_same_layout():
-  torch.manual_seed(7)
-  torch_model = original.randomize_(original.MetaFormer(
-      mixer="pooling", num_classes=10, **TINY), 7)
+  torch_model = ref.randomize_(original.MetaFormer(mixer="pooling", num_classes=10,
+                                                  **TINY), 7).eval()
   model = riformer_jax.create_model("poolformerv2_s12", num_classes=10, **TINY)
   abstract = counting.abstract_variables(model, 64)["params"]
-  params = torch_keys.params_from_state_dict(numpy_state_dict(torch_model), abstract,
+  params = torch_keys.params_from_state_dict(ref.numpy_state_dict(torch_model), abstract,
                                              "metaformer")
   assert logits_error(torch_model, model, {"params": params}, 64) < 1e-5

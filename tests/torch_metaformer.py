@@ -140,18 +140,3 @@ class MetaFormer(nn.Module):
       x = stage(downsample(x))
     return self.head(self.norm(x.mean((1, 2))))
 
-
-def randomize_(model, seed):
-  """Every parameter but the random matrices redrawn far from its init (norm weights,
-  scales and biases uniform in [-0.25, 1.25]; weights N(0, 1/fan_in)); returns it."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if name.endswith("random_matrix"):
-        continue
-      if param.ndim == 1:
-        param.copy_(torch.rand(param.shape, generator=generator) * 1.5 - 0.25)
-      else:
-        fan_in = param[0].numel()
-        param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
-  return model.eval()

@@ -97,15 +97,16 @@ def _family_kwargs(name, fmt, state_dict):
     # Fine-tuned GFNets (e.g. at 384) carry larger filters: build the model to fit.
     grid = math.isqrt(np.shape(state_dict["pos_embed"])[1])
     kwargs["img_size"] = grid * registry.create_model(name).patch_size
-  matrix = state_dict.get("stages.3.0.token_mixer.random_matrix")
-  if family == "randformer" and matrix is not None:
+  last_matrix = torch_keys.torch_key("stages_3/blocks_0/token_mixer/random_matrix", fmt) \
+      if family == "randformer" else None
+  if last_matrix in state_dict:
     # The last stage's matrix tells the input size it was made for: a side-s grid there
     # comes from 32s px (7x7 tokens: 224).
-    tokens = np.shape(matrix)[0]
+    tokens = np.shape(state_dict[last_matrix])[0]
     side = math.isqrt(tokens)
     if side * side != tokens:
-      raise ValueError(f"stages.3.0.token_mixer.random_matrix {np.shape(matrix)}: "
-                       "expected a square token grid")
+      raise ValueError(f"{last_matrix} {np.shape(state_dict[last_matrix])}: expected a "
+                       "square token grid")
     kwargs["img_size"] = 32 * side
   if module_class is metaformer.MetaFormer:
     if fmt == "timm":

@@ -91,10 +91,17 @@ def _timm_key(path):
     raise KeyError(f"{path}: no timm equivalent (RIFormer's affine mixer)")
   if parts[:-1] == ["stem"] or parts[1:-1] == ["downsample"]:
     parts.insert(-1, "conv")
+  return _dotted(parts)
+
+
+def _dotted(parts):
+  """PyTorch's name for our path `parts` in timm's convention, which the original
+  baselines share: block-owned vectors (layer and residual scales) are the `scale` of
+  a module, kernels and norm scales are `weight`, indices are dotted."""
   if re.fullmatch(r"(layer|res)_scale\d", parts[-1]):
-    parts.append("scale")
-  elif parts[-1] == "kernel" or parts[-1] == "scale" and parts[-2].startswith("norm"):
-    parts[-1] = "weight"
+    parts = [*parts, "scale"]
+  elif parts[-1] == "kernel" or parts[-1] == "scale" and "norm" in parts[-2]:
+    parts = [*parts[:-1], "weight"]
   return re.sub(r"_(\d+)", r".\1", ".".join(parts))
 
 
@@ -116,11 +123,7 @@ def _metaformer_key(path):
     parts = ["norm", parts[-1]] if parts[1] == "norm" else ["head", *parts[2:]]
   elif len(parts) > 1 and parts[1].startswith("blocks_"):
     parts[1] = parts[1][len("blocks_"):]  # stages.{i}.{j}
-  if re.fullmatch(r"res_scale\d", parts[-1]):
-    parts.append("scale")
-  elif parts[-1] == "kernel" or parts[-1] == "scale" and "norm" in parts[-2]:
-    parts[-1] = "weight"
-  return re.sub(r"_(\d+)", r".\1", ".".join(parts))
+  return _dotted(parts)
 
 
 def _block_of(path):
