@@ -1,18 +1,26 @@
-"""The paper's roadmap (Tables 1-4, Guideline 5) at small scale, several seeds per row.
+"""The paper's roadmap (Tables 1-4, Guideline 5) and its Tables 8 and 9 at small
+scale, several seeds per row.
 
   python roadmap.py --workdir=runs/roadmap --seeds=0,1,2            # embedded set
+  python roadmap.py --workdir=runs/roadmap --rows=table9            # Table 9's rows
+  python roadmap.py --workdir=runs/roadmap --rows=table8            # Table 8's rows
   python roadmap.py --workdir=runs/roadmap_folder --dataset=folder \\
       --data_dir=/data/my_images --num_classes=37 --resolution=96   # any image folder
   python roadmap.py --workdir=runs/mi_reading/per_batch --rows=mi_f80_r20_l4_init \\
       --teacher=runs/roadmap/teacher/student --set distill.mi_reading=per_batch
 
 Trains the PoolFormer teacher once (configs/demo.py:teacher, seed 0, the demo's
-teacher) unless --teacher names one, then every row of configs/roadmap_small.py, with
---set's overrides, for every seed, each in WORKDIR/ROW/seed_S (a train.py workdir:
-finished runs are reused, interrupted ones resume). Writes WORKDIR/results.json and
-WORKDIR/results.md: test top-1 per seed, mean and sample standard deviation, the
-paper's ImageNet figure, the training time, and for rows with module imitation each
-weighted term against L_soft at the start and the end of its window.
+teacher) unless --teacher names one; it is every row's logit teacher (the paper's
+GFNet-H-B has no counterpart here) and the feature teacher of the roadmap's rows.
+Table 9's rows name their own feature teacher (RandFormer, PoolFormerV2, ConvFormer,
+CAFormer), trained once each in WORKDIR/teacher_MODEL the same way
+(configs/roadmap_small.py:teacher_MODEL). Then every row of configs/roadmap_small.py,
+with --set's overrides, for every seed, each in WORKDIR/ROW/seed_S (a train.py
+workdir: finished runs are reused, interrupted ones resume). Writes
+WORKDIR/results.json and WORKDIR/results.md: test top-1 per seed, mean and sample
+standard deviation, the paper's ImageNet figure, the training time, and for rows
+with module imitation each weighted term against L_soft at the start and the end of
+its window.
 """
 
 import argparse
@@ -25,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from configs import demo as demo_configs
+from configs import roadmap as roadmap_configs
 from configs import roadmap_small
 from riformer_jax.train import distill, faults, runs, trainer
 from riformer_jax.weights import store
@@ -45,7 +54,22 @@ ROWS = (
     ("mi_f80_r20_l4", "Table 4: + module imitation, 4 layers", 75.13),
     ("mi_f80_r10_l6", "Table 4: + module imitation, 6 layers, shorter L_rel", 75.08),
     ("mi_f80_r20_l4_init", "Guideline 5: + teacher initialisation", 75.36),
+    ("t8_s9_soft", "Table 8: PoolFormer-S9 (depth), soft KD", 74.78),
+    ("t8_xs12_soft", "Table 8: PoolFormer-XS12 (width), soft KD", 75.11),
+    ("t9_l12_none", "Table 9: 12 layers, no teacher", 72.75),
+    ("t9_l12_randformer", "Table 9: 12 layers, RandFormer-S12 teacher", 75.62),
+    ("t9_l12_poolformerv2", "Table 9: 12 layers, PoolFormerV2-S12 teacher", 75.87),
+    ("t9_l18_none", "Table 9: 18 layers, no teacher", 75.01),
+    ("t9_l18_convformer", "Table 9: 18 layers, ConvFormer-S18 teacher", 77.53),
+    ("t9_l18_caformer", "Table 9: 18 layers, CAFormer-S18 teacher", 77.26),
 )
+# --rows presets: the roadmap proper (the default), and the papers' Tables 8 and 9
+# (Table 8 compares its slimmed PoolFormers with PoolFormer-S12 and the final RIFormer).
+PRESETS = {
+    "roadmap": tuple(row for row, _, _ in ROWS if not row.startswith(("t8_", "t9_"))),
+    "table8": ("pool_ce", "t8_s9_soft", "t8_xs12_soft", "mi_f80_r20_l4_init"),
+    "table9": tuple(roadmap_configs.TABLE9),
+}
 
 
 def parse_args(argv=None):
@@ -53,8 +77,9 @@ def parse_args(argv=None):
   parser.add_argument("--workdir", default="runs/roadmap",
                       help="where the runs and the results go")
   parser.add_argument("--seeds", default="0,1,2", help="seeds of every row")
-  parser.add_argument("--rows", default=",".join(row for row, _, _ in ROWS),
-                      help="rows to run (configs/roadmap.py)")
+  parser.add_argument("--rows", default="roadmap",
+                      help="rows to run (configs/roadmap.py), or presets among "
+                           f"{', '.join(PRESETS)}")
   parser.add_argument("--teacher", default="",
                       help="a PoolFormer directory to use as both teachers (default: "
                            "train one with configs/demo.py:teacher in WORKDIR/teacher)")
@@ -73,7 +98,8 @@ def parse_args(argv=None):
                            "repeatable")
   args = parser.parse_args(argv)
   args.seeds = [int(seed) for seed in args.seeds.split(",")]
-  args.rows = args.rows.split(",")
+  args.rows = list(dict.fromkeys(
+      row for name in args.rows.split(",") for row in PRESETS.get(name, (name,))))
   unknown = set(args.rows) - {row for row, _, _ in ROWS}
   if unknown:
     parser.error(f"--rows: unknown {sorted(unknown)}; see configs/roadmap.py")
@@ -112,6 +138,8 @@ def with_data(config, args, epochs, settings=()):
              "data.train_split": args.train_split, "data.eval_split": args.eval_split,
              "model.num_classes": args.num_classes, "resolution": args.resolution,
              "epochs": epochs}
+  if "img_size" in config.model:  # RandFormer's random matrices fix its input size
+    changes["model.img_size"] = args.resolution
   for name, term in config.losses.items():
     if term.weight and term.end_epoch > 0:
       changes[f"losses.{name}.end_epoch"] = term.end_epoch * epochs / config.epochs
@@ -127,6 +155,18 @@ def with_data(config, args, epochs, settings=()):
       overrides.append(f"--config.{path}={value!r}" if isinstance(value, float)
                        else f"--config.{path}={value}")
   return overrides
+
+
+def train_teacher(name, args):
+  """(directory, test top-1) of Table 9's feature teacher `name`, trained once in
+  WORKDIR/teacher_NAME as the demo trains its PoolFormer."""
+  row = roadmap_small.TEACHER_PREFIX + name
+  config = roadmap_small.get_config(row)
+  workdir = os.path.join(args.workdir, row)
+  overrides = with_data(config, args, config.epochs)
+  command = (f"python train.py --config=configs/roadmap_small.py:{row} "
+             f"--workdir={workdir} " + " ".join(overrides))
+  return os.path.join(workdir, "student"), run(config, workdir, command)["student/top1"]
 
 
 def run(config, workdir, command):
@@ -153,13 +193,18 @@ def term_sizes(config, workdir):
   return sizes
 
 
-def markdown(results, teacher_top1, args):
+def markdown(results, teachers, args):
   minutes = sum(r["seconds"] for runs in results.values() for r in runs) / 60
+  others = "; ".join(f"{name} {top1:.1f}" for name, (_, top1) in teachers.items()
+                     if name != "poolformer_s12")
   lines = [
       f"Test top-1 (%) after {args.epochs} epochs, seeds "
       f"{', '.join(map(str, args.seeds))}: mean ± sample std, each seed, and the "
-      f"paper's ImageNet top-1 for S12 at 120 epochs. Teacher (both roles): "
-      f"{teacher_top1:.1f}. Training time of these runs: {minutes:.0f} min.",
+      f"paper's ImageNet top-1 (S12 at 120 epochs; Table 9 at 130). Teacher (logit "
+      f"role, and feature role unless the row names one): "
+      f"{teachers['poolformer_s12'][1]:.1f}"
+      + (f". Feature teachers: {others}" if others else "")
+      + f". Training time of these runs: {minutes:.0f} min.",
       "",
       "| row | what | top-1 | seeds | paper | min/run |",
       "|---|---|---:|---|---:|---:|"]
@@ -222,29 +267,38 @@ def run_rows(args, argv):
                + " ".join(overrides))
     teacher_top1 = run(config, workdir, command)["student/top1"]
     teacher = os.path.join(workdir, "student")
+  # Feature teachers by model: {name: (directory, test top-1)}.
+  teachers = {"poolformer_s12": (teacher, teacher_top1)}
+  for row in args.rows:
+    name = roadmap_configs.feature_teacher(row)
+    if name and name not in teachers:
+      teachers[name] = train_teacher(name, args)
 
   results = {}
   for row in args.rows:
+    feature = teachers[roadmap_configs.feature_teacher(row) or "poolformer_s12"][0]
     for seed in args.seeds:
       config = roadmap_small.get_config(row)
       overrides = with_data(config, args, args.epochs, args.set)
       config.seed = seed
-      config.teachers.logit = config.teachers.feature = teacher
+      config.teachers.logit, config.teachers.feature = teacher, feature
       workdir = os.path.join(args.workdir, row, f"seed_{seed}")
       command = (f"python train.py --config=configs/roadmap_small.py:{row} "
                  f"--workdir={workdir} --config.seed={seed} "
-                 f"--config.teachers.logit={teacher} --config.teachers.feature={teacher} "
+                 f"--config.teachers.logit={teacher} --config.teachers.feature={feature} "
                  + " ".join(overrides))
       final = dict(run(config, workdir, command), terms=term_sizes(config, workdir))
       results.setdefault(row, []).append(final)
 
-  table = markdown(results, teacher_top1, args)
+  table = markdown(results, teachers, args)
   print("\n" + table, flush=True)
   command = "python roadmap.py " + " ".join(argv if argv is not None else sys.argv[1:])
   with open(os.path.join(args.workdir, "results.md"), "w") as f:
     f.write(f"{command}\n\n{table}")
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(dict(command=command, teacher=teacher, teacher_top1=teacher_top1,
+                   feature_teachers={name: dict(directory=d, top1=t)
+                                     for name, (d, t) in teachers.items()},
                    seeds=args.seeds, epochs=args.epochs, rows=results),
               f, indent=1)
 

@@ -186,6 +186,8 @@ def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_
     ("poolformer_s12", {}, dict(layout="NCHW")),
     ("identityformer_s12", {}, dict(layout="NHWC")),
     ("riformer_s12", {"deploy": True}, dict(layout="NCHW", fused=True)),
+    # Table 9's student, trained form: re-parameterised on export.
+    ("riformerv2_s12", {}, dict(layout="NHWC")),
 ])
 def test_poolformer_identityformer_and_the_fused_block_in_every_edge_runtime(
     tmp_path, name, kwargs, options):
@@ -194,6 +196,7 @@ def test_poolformer_identityformer_and_the_fused_block_in_every_edge_runtime(
   formats = ("onnx", "openvino", "litert")
   record = export.export(source, prefix, formats, log=lambda _: None, **options)
   assert record["fused"] == options.get("fused", False)
+  assert record["deploy"] == (name.startswith("riformer") or kwargs.get("deploy", False))
   images = nhwc_images(1)
   feed = images.transpose(0, 3, 1, 2) if options["layout"] == "NCHW" else images
   expected = stacked(flax_logits(model, params, images))

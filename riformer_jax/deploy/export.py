@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from riformer_jax.deploy import runtimes
-from riformer_jax.models import metaformer, surgery
+from riformer_jax.models import baselines, metaformer, registry, surgery
 from riformer_jax.weights import pretrained, store
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
@@ -69,7 +69,7 @@ def load_for_export(src, fused=False, log=print):
   module, variables = pretrained.load_pretrained(src)
   params = variables["params"]
   is_metaformer = isinstance(module, metaformer.MetaFormer)
-  if is_metaformer and module.token_mixer == "affine" and not module.deploy:
+  if registry.has_deploy_form(module):
     params = surgery.reparameterize(params)
     module = module.clone(deploy=True)
     log(f"{src}: a training-time RIFormer; exporting its re-parameterised deploy form "
@@ -173,12 +173,25 @@ def litert_model(module, params, resolution, batch=None, layout="NHWC", preproce
 
 def onnx_model(module, params, resolution, batch=None, layout="NHWC", preprocess=None,
                dtype="float32"):
-  """An `onnx.ModelProto` of a MetaFormer (RIFormer, IdentityFormer, PoolFormer)."""
+  """An `onnx.ModelProto` of a MetaFormer (RIFormer, IdentityFormer, PoolFormer) or of
+  a MetaFormer baseline with `onnx_graph.BASELINE_MIXERS` (riformerv2, PoolFormerV2)."""
   from riformer_jax.deploy import onnx_graph  # noqa: PLC0415 (needs the edge extra: onnx)
 
+  if isinstance(module, baselines.MetaFormerBaseline):
+    return onnx_graph.baseline_model(
+        params, token_mixers=module.token_mixers, norm=module.norm, resolution=resolution,
+        batch=batch, layout=layout, dtype=dtype, preprocess=preprocess)
   return onnx_graph.metaformer_model(
       params, token_mixer=module.token_mixer, head=module.head, resolution=resolution,
       batch=batch, layout=layout, dtype=dtype, preprocess=preprocess, fused=module.fused)
+
+
+def _onnx_covers(module):
+  from riformer_jax.deploy import onnx_graph  # noqa: PLC0415 (the edge extra: onnx)
+
+  if isinstance(module, baselines.MetaFormerBaseline):
+    return set(module.token_mixers) <= set(onnx_graph.BASELINE_MIXERS)
+  return isinstance(module, metaformer.MetaFormer)
 
 
 def quantize_onnx(source_path, destination_path, calibration, batch=None):
@@ -286,10 +299,11 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
   config = preprocessing(manifest, resolution, crop_pct)
   size = config["input_size"][-1]
   normalisation = (config["mean"], config["std"]) if preprocess else None
-  if {"onnx", "openvino"} & set(formats) and not isinstance(module, metaformer.MetaFormer):
+  if {"onnx", "openvino"} & set(formats) and not _onnx_covers(module):
     raise ExportError(f"--format onnx and openvino cover the MetaFormers (RIFormer, "
-                      f"IdentityFormer, PoolFormer), not {manifest['model']}; litert, jax "
-                      "and savedmodel take any model")
+                      f"IdentityFormer, PoolFormer) and the baselines whose token mixers "
+                      f"are affine, pooling or identity (riformerv2, PoolFormerV2), not "
+                      f"{manifest['model']}; litert, jax and savedmodel take any model")
 
   parent = os.path.dirname(os.path.abspath(prefix))
   os.makedirs(parent, exist_ok=True)

@@ -1,4 +1,5 @@
-"""An ONNX graph of a MetaFormer (RIFormer, IdentityFormer, PoolFormer) from its params.
+"""An ONNX graph of a MetaFormer (RIFormer, IdentityFormer, PoolFormer; and the
+MetaFormer-baselines RIFormer student and PoolFormerV2) from its params.
 
 Why this is written here rather than traced by a converter (measured 2026-12-02,
 issue 17): `jax2onnx` 0.17 pins orbax-checkpoint < 0.11.37 (we pin 0.12.8) and cannot
@@ -72,6 +73,8 @@ def _group_norm(g, x, params, hint, epsilon=1e-5):
                 hint, epsilon=epsilon)
   normed = g.op("Reshape", [normed, g.op("Shape", [x])])
   scaled = g.op("Mul", [normed, g.const(_channel(params["scale"]), hint + ".scale")])
+  if "bias" not in params:  # the MetaFormer baselines' norms have none
+    return scaled
   return g.op("Add", [scaled, g.const(_channel(params["bias"]), hint + ".bias")])
 
 
@@ -101,17 +104,7 @@ def _block(g, x, params, token_mixer, hint):
     mixed = _group_norm(g, x, params["norm_reparam"], hint + ".norm_reparam")
   else:
     normed = _group_norm(g, x, params["norm1"], hint + ".norm1")
-    if token_mixer == "pooling":
-      pooled = g.op("AveragePool", [normed], hint + ".pool", kernel_shape=[3, 3],
-                    strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
-      mixed = g.op("Sub", [pooled, normed])
-    elif token_mixer == "affine":
-      mixer = params["token_mixer"]
-      affine = g.op("Add", [_scaled(g, normed, mixer["scale"], hint + ".affine.scale"),
-                            g.const(_channel(mixer["bias"]), hint + ".affine.bias")])
-      mixed = g.op("Sub", [affine, normed])
-    else:  # identity
-      mixed = normed
+    mixed = _mixer(g, normed, params.get("token_mixer"), token_mixer, hint)
   x = g.op("Add", [x, _scaled(g, mixed, params["layer_scale1"], hint + ".ls1")])
   hidden = _mlp(g, _group_norm(g, x, params["norm2"], hint + ".norm2"), params["mlp"],
                 hint + ".mlp")
@@ -190,6 +183,147 @@ def metaformer_model(params, *, token_mixer, head, resolution, batch=None,
       computes `(x / 255 - mean) / std` first, as the evaluation pipeline does.
     fused: deploy blocks as `metaformer.FusedDeployBlock`.
   """
+  def body(g, x):
+    x = _conv(g, x, params["stem"], 4, 2, "stem")
+    for i, stage in _numbered(params, "stages_"):
+      if "downsample" in stage:
+        x = _conv(g, x, stage["downsample"], 2, 1, f"stages_{i}.downsample")
+      for j, block in _numbered(stage, "blocks_"):
+        hint = f"stages_{i}.blocks_{j}"
+        x = (_fused_block(g, x, block, hint) if fused
+             else _block(g, x, block, token_mixer, hint))
+    return _head(g, x, params["head"], head)
+  return _model(body, params["head"], resolution=resolution, batch=batch, layout=layout,
+                dtype=dtype, preprocess=preprocess)
+
+
+# The MetaFormer-baselines models (`baselines.MetaFormerBaseline`) whose mixers are a
+# few native ops: the riformerv2 student (training and deploy form), PoolFormerV2 and
+# IdentityFormer-like stages. The other mixers (separable convolution, attention,
+# random mixing) run in the litert, jax and savedmodel routes.
+BASELINE_MIXERS = ("affine", "pooling", "identity")
+
+
+def baseline_model(params, *, token_mixers, norm, resolution, batch=None,
+                   layout="NHWC", dtype="float32", preprocess=None):
+  """An `onnx.ModelProto` computing `MetaFormerBaseline.apply({"params": params}, ...)`
+  for `token_mixers` among `BASELINE_MIXERS`; the other arguments as `metaformer_model`'s.
+  """
+  unsupported = sorted(set(token_mixers) - set(BASELINE_MIXERS))
+  if unsupported:
+    raise ValueError(f"the ONNX graph covers the token mixers {BASELINE_MIXERS}, not "
+                     f"{unsupported}")
+  block_norm = _group_norm if norm == "groupnorm" else _channel_norm
+
+  def body(g, x):
+    x = _conv(g, x, params["stem"]["conv"], 4, 2, "stem.conv")
+    x = _channel_norm(g, x, params["stem"]["norm"], "stem.norm")
+    for i, stage in _numbered(params, "stages_"):
+      if "downsample" in stage:
+        hint = f"stages_{i}.downsample"
+        x = _channel_norm(g, x, stage["downsample"]["norm"], hint + ".norm")
+        x = _conv(g, x, stage["downsample"]["conv"], 2, 1, hint + ".conv")
+      for j, block in _numbered(stage, "blocks_"):
+        x = _baseline_block(g, x, block, token_mixers[i], block_norm,
+                            f"stages_{i}.blocks_{j}")
+    return _baseline_head(g, x, params["head"])
+  return _model(body, params["head"], resolution=resolution, batch=batch, layout=layout,
+                dtype=dtype, preprocess=preprocess)
+
+
+def _numbered(tree, prefix):
+  """`(i, tree[prefix + str(i)])` for i = 0, 1, ... while present."""
+  count = len([k for k in tree if k.startswith(prefix)])
+  return [(i, tree[f"{prefix}{i}"]) for i in range(count)]
+
+
+def _channel_norm(g, x, params, hint, epsilon=1e-6):
+  """LayerNorm over C of an NCHW activation, two-pass (LayerNormalization would
+  normalise over C, H and W together)."""
+  centred = g.op("Sub", [x, g.op("ReduceMean", [x], axes=[1], keepdims=1)])
+  variance = g.op("ReduceMean", [g.op("Mul", [centred, centred])], axes=[1], keepdims=1)
+  inverse = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [variance,
+                                                           g.const(epsilon, "eps")])])])
+  normed = _scaled(g, g.op("Mul", [centred, inverse]), params["scale"], hint + ".scale")
+  if "bias" in params:
+    normed = g.op("Add", [normed, g.const(_channel(params["bias"]), hint + ".bias")])
+  return normed
+
+
+def _star_relu(g, x, params, hint):
+  """`scale * relu(x)**2 + bias` with scalar scale and bias."""
+  relu = g.op("Relu", [x])
+  squared = g.op("Mul", [relu, relu])
+  return g.op("Add", [g.op("Mul", [squared, g.const(np.reshape(params["scale"], ()),
+                                                    hint + ".scale")]),
+                      g.const(np.reshape(params["bias"], ()), hint + ".bias")])
+
+
+def _baseline_block(g, x, params, token_mixer, norm, hint):
+  """`rs1 * x + mixer(norm1(x))`, then `rs2 * x + mlp(norm2(x))`; the deploy form's
+  mixer branch is `norm_reparam(x)`."""
+  def pointwise(y, kernel, name):  # a bias-free Dense on NHWC: a 1x1 conv on NCHW
+    return g.op("Conv", [y, g.const(np.asarray(kernel).T[:, :, None, None],
+                                    f"{hint}.{name}.weight")], f"{hint}.{name}")
+
+  def skip(name):
+    return _scaled(g, x, params[name], f"{hint}.{name}") if name in params else x
+
+  if "norm_reparam" in params:
+    mixed = norm(g, x, params["norm_reparam"], hint + ".norm_reparam", epsilon=1e-6)
+  else:
+    normed = norm(g, x, params["norm1"], hint + ".norm1", epsilon=1e-6)
+    mixed = _mixer(g, normed, params.get("token_mixer"), token_mixer, hint)
+  x = g.op("Add", [skip("res_scale1"), mixed])
+  mlp = params["mlp"]
+  hidden = pointwise(norm(g, x, params["norm2"], hint + ".norm2", epsilon=1e-6),
+                     mlp["fc1"]["kernel"], "mlp.fc1")
+  hidden = pointwise(_star_relu(g, hidden, mlp["act"], hint + ".mlp.act"),
+                     mlp["fc2"]["kernel"], "mlp.fc2")
+  return g.op("Add", [skip("res_scale2"), hidden])
+
+
+def _mixer(g, normed, params, token_mixer, hint):
+  """PoolFormer's pooling, RIFormer's affine, or the identity, on norm1's output."""
+  if token_mixer == "pooling":
+    pooled = g.op("AveragePool", [normed], hint + ".pool", kernel_shape=[3, 3],
+                  strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
+    return g.op("Sub", [pooled, normed])
+  if token_mixer == "affine":
+    affine = g.op("Add", [_scaled(g, normed, params["scale"], hint + ".affine.scale"),
+                          g.const(_channel(params["bias"]), hint + ".affine.bias")])
+    return g.op("Sub", [affine, normed])
+  return normed
+
+
+def _baseline_head(g, x, params):
+  """Pool, LayerNorm over C, then a linear classifier or the MLP head."""
+  x = g.op("LayerNormalization",
+           [g.op("ReduceMean", [x], axes=[2, 3], keepdims=0),
+            g.const(params["norm"]["scale"], "head.norm.scale"),
+            g.const(params["norm"]["bias"], "head.norm.bias")],
+           "head.norm", axis=-1, epsilon=1e-6)
+  if "fc" not in params:
+    return x
+
+  def linear(y, dense, hint):
+    return g.op("Gemm", [y, g.const(dense["kernel"], hint + ".weight"),
+                         g.const(dense["bias"], hint + ".bias")], hint)
+  fc = params["fc"]
+  if "kernel" in fc:
+    return linear(x, fc, "head.fc")
+  hidden = g.op("Relu", [linear(x, fc["fc1"], "head.fc.fc1")])
+  hidden = g.op("LayerNormalization",
+                [g.op("Mul", [hidden, hidden]),
+                 g.const(fc["norm"]["scale"], "head.fc.norm.scale"),
+                 g.const(fc["norm"]["bias"], "head.fc.norm.bias")],
+                "head.fc.norm", axis=-1, epsilon=1e-6)
+  return linear(hidden, fc["fc2"], "head.fc.fc2")
+
+
+def _model(body, head_params, *, resolution, batch, layout, dtype, preprocess):
+  """The graph around `body(g, nchw_input) -> output`: the input's preprocessing,
+  layout and dtype, the output's name and shape, and the checks."""
   if layout not in ("NHWC", "NCHW"):
     raise ValueError(f"layout={layout!r}: expected 'NHWC' or 'NCHW'")
   if dtype not in _DTYPES:
@@ -213,23 +347,15 @@ def metaformer_model(params, *, token_mixer, head, resolution, batch=None,
   if dtype != "float32":
     x = g.op("Cast", [x], to=g.onnx_dtype)
 
-  x = _conv(g, x, params["stem"], 4, 2, "stem")
-  for i in range(len([k for k in params if k.startswith("stages_")])):
-    stage = params[f"stages_{i}"]
-    if "downsample" in stage:
-      x = _conv(g, x, stage["downsample"], 2, 1, f"stages_{i}.downsample")
-    for j in range(len([k for k in stage if k.startswith("blocks_")])):
-      block, hint = stage[f"blocks_{j}"], f"stages_{i}.blocks_{j}"
-      x = (_fused_block(g, x, block, hint) if fused
-           else _block(g, x, block, token_mixer, hint))
-  x = _head(g, x, params["head"], head)
+  x = body(g, x)
 
-  output_name = "logits" if "fc" in params["head"] else "features"
+  output_name = "logits" if "fc" in head_params else "features"
   if dtype != "float32":
     x = g.op("Cast", [x], to=TensorProto.FLOAT)
   g.nodes.append(helper.make_node("Identity", [x], [output_name]))
-  width = (np.shape(params["head"]["fc"]["bias"])[0] if "fc" in params["head"]
-           else np.shape(params["head"]["norm"]["scale"])[0])
+  fc = head_params.get("fc", {})
+  width = np.shape((fc.get("fc2", fc).get("bias")) if fc else
+                   head_params["norm"]["scale"])[0]
   outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT,
                                            [batch or "batch", width])]
   graph = helper.make_graph(g.nodes, "metaformer", inputs, outputs, g.initializers)

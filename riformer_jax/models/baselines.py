@@ -1,6 +1,8 @@
 """The "MetaFormer Baselines for Vision" family (Yu et al., TPAMI 2024): PoolFormerV2,
 ConvFormer and CAFormer as timm ships them, and RandFormer, which only the original
-repository (sail-sg/metaformer) has; used here as teachers.
+repository (sail-sg/metaformer) has; used here as teachers. With the affine token
+mixer it is also the paper's Table 9 student (RIFormer in the baselines' design,
+registered as riformerv2_*), which has a deploy form like RIFormer's.
 
 Flax Linen, NHWC, parameters named after timm's `metaformer.py` so that every key maps
 mechanically (`riformer_jax.weights.torch_keys`, format "timm"):
@@ -11,7 +13,9 @@ mechanically (`riformer_jax.weights.torch_keys`, format "timm"):
     stages_{i}/blocks_{j}/token_mixer/...       pooling, identity: none; sepconv:
                                                 pwconv1, act1 (StarReLU), dwconv 7x7,
                                                 pwconv2; attention: qkv, proj (no
-                                                biases); random: random_matrix (N, N)
+                                                biases); random: random_matrix (N, N);
+                                                affine: scale, bias (RIFormer's)
+    stages_{i}/blocks_{j}/norm_reparam/{scale,bias}  deploy form: norm1 + affine fused
     stages_{i}/blocks_{j}/res_scale{1,2}        stages with a residual scale only
     stages_{i}/blocks_{j}/norm2/scale, mlp/{fc1,act,fc2}   StarReLU MLP, no biases
     head/norm/{scale,bias}                      pool, then LayerNorm over C
@@ -23,6 +27,10 @@ All norms use eps 1e-6. A block is `res_scale1 * x + mixer(norm1(x))`, then
 the skip path in the last two stages. Blocks sow the same three taps as
 `riformer_jax.models.metaformer` (`block_input`, `mixer_output`, `block_output`), so a
 PoolFormerV2 teacher pairs block by block with a RIFormer student of the same size.
+
+The deploy form (`deploy=True`, after `surgery.reparameterize`) of the affine student:
+norm1 has no bias, but `s * norm1(x) + t - norm1(x)` is `gamma (s - 1) x_hat + t`, a
+norm whose shift is the mixer's t; so `norm_reparam` is the same norm with a bias.
 """
 
 import functools
@@ -34,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from riformer_jax.models.metaformer import (
+  Affine,
   MetaFormerStage,
   Pooling,
   check_stages_and_rates,
@@ -42,16 +51,16 @@ from riformer_jax.models.metaformer import (
   weight_init,
 )
 
-TOKEN_MIXERS = ("pooling", "sepconv", "attention", "identity", "random")
+TOKEN_MIXERS = ("pooling", "sepconv", "attention", "identity", "random", "affine")
 NORMS = ("groupnorm", "layernorm")
 
 
-def _norm(kind, dtype, name):
+def _norm(kind, dtype, name, use_bias=False):
   # Two-pass variance, as PyTorch computes it (see metaformer.GroupNorm1).
   if kind == "groupnorm":
-    return nn.GroupNorm(num_groups=1, epsilon=1e-6, use_bias=False,
+    return nn.GroupNorm(num_groups=1, epsilon=1e-6, use_bias=use_bias,
                         use_fast_variance=False, dtype=dtype, name=name)
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_fast_variance=False,
+  return nn.LayerNorm(epsilon=1e-6, use_bias=use_bias, use_fast_variance=False,
                       dtype=dtype, name=name)
 
 
@@ -155,12 +164,14 @@ class StarMlp(nn.Module):
 
 
 class BaselineBlock(nn.Module):
-  """One MetaFormer-baselines block; see the module docstring."""
+  """One MetaFormer-baselines block; see the module docstring. With `deploy=True`
+  (affine mixer only) the mixer branch is `norm_reparam(x)`."""
 
   token_mixer: str
   norm: str
   res_scale: bool
   num_tokens: int = 0  # the random mixer's N
+  deploy: bool = False
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -176,17 +187,10 @@ class BaselineBlock(nn.Module):
       return self.param(name, nn.initializers.ones, (dim,)) * x
 
     self.sow("intermediates", "block_input", x)
-    normed = _norm(self.norm, self.dtype, "norm1")(x)
-    if self.token_mixer == "pooling":
-      mixed = Pooling(name="token_mixer")(normed)
-    elif self.token_mixer == "sepconv":
-      mixed = SepConv(self.dtype, name="token_mixer")(normed)
-    elif self.token_mixer == "identity":
-      mixed = normed
-    elif self.token_mixer == "random":
-      mixed = RandomMixing(self.num_tokens, self.dtype, name="token_mixer")(normed)
+    if self.deploy:
+      mixed = _norm(self.norm, self.dtype, "norm_reparam", use_bias=True)(x)
     else:
-      mixed = Attention(dtype=self.dtype, name="token_mixer")(normed)
+      mixed = self._mixer(_norm(self.norm, self.dtype, "norm1")(x))
     self.sow("intermediates", "mixer_output", mixed)
     x = skip("res_scale1") + drop()(mixed.astype(jnp.float32))
 
@@ -195,6 +199,15 @@ class BaselineBlock(nn.Module):
     x = skip("res_scale2") + drop()(hidden.astype(jnp.float32))
     self.sow("intermediates", "block_output", x)
     return x
+
+  def _mixer(self, normed):
+    if self.token_mixer == "identity":
+      return normed
+    mixer = {"affine": Affine, "pooling": Pooling,
+             "sepconv": functools.partial(SepConv, self.dtype),
+             "random": functools.partial(RandomMixing, self.num_tokens, self.dtype),
+             "attention": functools.partial(Attention, dtype=self.dtype)}[self.token_mixer]
+    return mixer(name="token_mixer")(normed)
 
 
 class MlpHead(nn.Module):
@@ -239,7 +252,8 @@ class BaselineHead(nn.Module):
 
 
 class MetaFormerBaseline(nn.Module):
-  """PoolFormerV2 / ConvFormer / CAFormer / RandFormer classifier.
+  """PoolFormerV2 / ConvFormer / CAFormer / RandFormer classifier, and the Table 9
+  student (affine mixers everywhere; `deploy=True` for its re-parameterised form).
 
   Attributes:
     depths: blocks per stage.
@@ -253,6 +267,8 @@ class MetaFormerBaseline(nn.Module):
     drop_path_rate: stochastic depth of the last block, ramped linearly from 0.
     img_size: the input size the random mixers' matrices are made for (RandFormer
       runs at this size only; the other mixers take any size).
+    deploy: the affine student's inference form (`norm_reparam`, no mixer).
+    remat: recompute each block in the backward pass instead of storing it.
     dtype: compute dtype; norm statistics and the residual stream stay float32.
   """
 
@@ -266,6 +282,8 @@ class MetaFormerBaseline(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   img_size: int = 224
+  deploy: bool = False
+  remat: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -280,6 +298,10 @@ class MetaFormerBaseline(nn.Module):
       raise ValueError(f"token_mixers: unknown {bad}; expected some of {TOKEN_MIXERS}")
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
+    if self.deploy and set(self.token_mixers) != {"affine"}:
+      raise ValueError(
+          f"deploy=True folds the affine token mixer into norm1; token_mixers="
+          f"{tuple(self.token_mixers)} have no deploy form")
     super().__post_init__()
 
   @nn.compact
@@ -291,9 +313,10 @@ class MetaFormerBaseline(nn.Module):
     for i, rates in enumerate(
         stagewise_drop_path_rates(self.depths, self.drop_path_rate)):
       block = functools.partial(
-          BaselineBlock, token_mixer=self.token_mixers[i], norm=self.norm,
+          nn.remat(BaselineBlock, static_argnums=(2,)) if self.remat else BaselineBlock,
+          token_mixer=self.token_mixers[i], norm=self.norm,
           res_scale=self.res_scale[i], num_tokens=stage_grid(self.img_size, i) ** 2,
-          drop_rate=self.drop_rate, dtype=self.dtype)
+          deploy=self.deploy, drop_rate=self.drop_rate, dtype=self.dtype)
       downsample = functools.partial(
           ConvNorm, self.dims[i], 3, 2, 1, norm_first=True, dtype=self.dtype
       ) if i > 0 else None

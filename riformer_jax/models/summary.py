@@ -13,8 +13,8 @@ def summary_rows(names, resolution=224, num_classes=1000):
   """(name, form, params, MACs) for each model; RIFormers in both forms."""
   rows = []
   for name in names:
-    has_deploy_form = registry.model_kwargs(name).get("token_mixer") == "affine"
-    forms = [("train", {}), ("deploy", {"deploy": True})] if has_deploy_form else [("", {})]
+    forms = ([("train", {}), ("deploy", {"deploy": True})]
+             if registry.has_deploy_form(registry.model_kwargs(name)) else [("", {})])
     for form, deploy in forms:
       overrides = {"num_classes": num_classes, **deploy}
       model = registry.create_model(name, **overrides)

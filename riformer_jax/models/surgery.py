@@ -18,8 +18,10 @@ def _is_affine_block(node):
 
 
 def _fuse_affine(block):
-  """Paper Eq. 4: `gamma' = gamma * (s - 1)`, `beta' = beta * (s - 1) + t`."""
-  gamma, beta = block["norm1"]["scale"], block["norm1"]["bias"]
+  """Paper Eq. 4: `gamma' = gamma * (s - 1)`, `beta' = beta * (s - 1) + t`. The
+  MetaFormer-baselines norm has no bias (beta = 0): its fused norm gains one, t."""
+  gamma = block["norm1"]["scale"]
+  beta = block["norm1"].get("bias", jnp.zeros_like(gamma))
   s, t = block["token_mixer"]["scale"], block["token_mixer"]["bias"]
   fused = {k: v for k, v in block.items() if k not in ("norm1", "token_mixer")}
   fused["norm_reparam"] = {"scale": gamma * (s - 1), "bias": beta * (s - 1) + t}
@@ -28,6 +30,9 @@ def _fuse_affine(block):
 
 def reparameterize(params):
   """Training-time RIFormer params -> deploy params (norm1 and the affine mixer fused).
+
+  Both designs: RIFormer (`riformer_*`, GroupNorm with bias, layer scales) and the
+  MetaFormer-baselines student (`riformerv2_*`, norms without bias, residual scales).
 
   Every block holding `norm1` and an affine `token_mixer` becomes a block holding
   `norm_reparam` (paper Eq. 4); every other entry is returned as the same object.

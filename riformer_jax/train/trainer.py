@@ -242,7 +242,7 @@ def build_student(config):
   student = registry.create_model(config.model_name, **config.model, dtype=dtype,
                                 remat=config.remat)
   deploy = (registry.create_model(config.model_name, **config.model, dtype=dtype, deploy=True)
-            if getattr(student, "token_mixer", None) == "affine" else None)
+            if registry.has_deploy_form(student) else None)
   return student, deploy
 
 
