@@ -87,6 +87,8 @@ def get_config(row):
                          "affine": "riformer_s12"}[mixer]
   elif row in TABLE8:
     config.model_name, kd = TABLE8[row], "soft"
+    config.distill.mi_blocks = common.last_block_of_each_stage(
+        registry.model_kwargs(config.model_name)["depths"])
   elif mi_row:
     feat, rel, layers, init = mi_row.groups()
     kd = "soft"

@@ -15,7 +15,8 @@ from riformer_jax.bench import throughput
 from riformer_jax.models import counting
 from conftest import relative_error
 
-TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
+TINY = {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
+FORMS = ("poolformer", "deploy", "fused", "poolformer_s9", "poolformer_xs12")
 
 
 def run_bench(tmp_path, *options):
@@ -38,7 +39,7 @@ def torch_importable():
 def results(tmp_path_factory):
   # One run for every test of its output: each compile costs seconds on 2 cores.
   return run_bench(tmp_path_factory.mktemp("bench"),
-                   "--forms", "poolformer,deploy,fused", "--train-steps", "mi",
+                   "--forms", ",".join(FORMS), "--train-steps", "mi",
                    "--logit-teacher", "poolformer_s12", "--max-batch", "8",
                    "--torch-modes", "eager" if torch_importable() else "")
 
@@ -46,8 +47,12 @@ def results(tmp_path_factory):
 @pytest.mark.heavy  # a benchmark run: not in `make check`
 def test_every_row_asked_for_is_there_and_timed(results):
   ours = [row for row in results["inference"] if row["framework"] == "jax"]
-  assert {row["id"] for row in ours} == {
-      f"jax/jit/float32/{form}/s12" for form in ("poolformer", "deploy", "fused")}
+  assert {row["id"] for row in ours} == {f"jax/jit/float32/{form}/s12" for form in FORMS}
+  # Table 8's slimmed PoolFormers under the shape override: half the third stage, and
+  # 5/6 of each width; each does less work than the PoolFormer.
+  flops = {row["form"]: row["analytic_flops"] for row in ours}
+  assert flops["poolformer_s9"] < flops["poolformer"]
+  assert flops["poolformer_xs12"] < flops["poolformer"]
   (training,) = results["training"]
   assert training["id"] == "jax/train/float32/mi/s12"
   assert training["teachers"] == ["poolformer_s12", "poolformer_s12"]
@@ -70,7 +75,9 @@ def test_every_row_asked_for_is_there_and_timed(results):
 def test_ratios_are_ratios_of_the_measured_medians(results):
   rows = {row["id"]: row for row in results["inference"]}
   ratios = {r["name"]: r for r in results["ratios"]}
-  expected = {"deploy / poolformer", "fused / deploy"}
+  expected = {"deploy / poolformer", "fused / deploy", "deploy / poolformer_s9",
+              "poolformer_s9 / poolformer", "deploy / poolformer_xs12",
+              "poolformer_xs12 / poolformer"}
   if torch_importable():
     expected |= {"torch eager float32: deploy / poolformer",
                  "jax deploy / fastest torch deploy",

@@ -24,6 +24,8 @@ RESULTS = [
     row("RIFormer (deploy)", "onnxruntime", "int8", 1, 1, 12.0),
     row("PoolFormer", "openvino", "float32", 1, 1, 25.0),
     row("PoolFormer", "onnxruntime", "float32", 1, 1, 22.0),
+    row("PoolFormer-S9", "openvino", "float32", 1, 1, 19.0),
+    row("PoolFormer-XS12", "openvino", "float32", 1, 1, 21.0),
 ]
 
 
@@ -36,15 +38,20 @@ def test_the_table_compares_each_row_with_the_fastest_pytorch_of_its_model():
   pool = next(line for line in lines
               if "| PoolFormer | riformer_jax | openvino | float32" in line)
   assert "2.00x" in pool  # against timm's PoolFormer (50 ms), not RIFormer's
+  slim = next(line for line in lines if "| PoolFormer-S9 |" in line)
+  assert "| 19.0 | 20.9 | 2.63x |" in slim  # Table 8's: against timm's PoolFormer too
 
 
 def test_the_targets_name_the_best_artifacts_and_their_ratios():
-  (line,) = bench_edge.targets(RESULTS).splitlines()
+  line, table8 = bench_edge.targets(RESULTS).splitlines()
   assert "fastest PyTorch RIFormer 40.0 ms (PyTorch compile)" in line
   assert "best float32 artifact RIFormer (deploy) in openvino 20.0 ms = 2.00x" in line
   assert "best int8 RIFormer (fused) in onnxruntime 10.0 ms = 4.00x" in line
   # PoolFormer in the runtime of the best float32 RIFormer: 25 / 20.
   assert "PoolFormer in openvino 25.0 ms, RIFormer 1.25x faster" in line
+  # Table 8 where the deploy form is fastest among the runtimes the slimmed ones run in.
+  assert table8 == ("1 thread(s), Table 8 in openvino: RIFormer (deploy) 20.0 ms, "
+                    "PoolFormer-S9 19.0 ms, PoolFormer-XS12 21.0 ms, PoolFormer 25.0 ms")
 
 
 @pytest.mark.slow
@@ -60,4 +67,6 @@ def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
   assert {("xla", "float32"), ("onnxruntime", "int8"), ("openvino", "int8"),
           ("litert", "float32"), ("PyTorch compile", "float32")} <= runtimes
   assert all(r["p50_ms"] > 0 and r["calls"] == 1 for r in rows)
+  assert {r["model"] for r in rows if r["runtime"] == "openvino"} >= {
+      "PoolFormer-S9", "PoolFormer-XS12"}
   assert "best int8" in capsys.readouterr().out

@@ -13,12 +13,18 @@ from riformer_jax.train import distill, trainer
 ROADMAP_ROWS = ["pool_ce", "identity_ce", "identity_label_hard", "identity_hard",
                 "identity_label_soft", "identity_soft", "affine_ce", "affine_label_hard",
                 "affine_hard", "affine_label_soft", "affine_soft", "mi_f40_r0_l6",
-                "mi_f80_r10_l6", "mi_f80_r20_l4", "mi_f80_r20_l4_init"]
+                "mi_f80_r10_l6", "mi_f80_r20_l4", "mi_f80_r20_l4_init",
+                # Tables 8 and 9
+                "t8_s9_soft", "t8_xs12_soft", "t9_l12_none", "t9_l12_randformer",
+                "t9_l12_poolformerv2", "t9_l18_none", "t9_l18_convformer",
+                "t9_l18_caformer"]
+TEACHER_ROWS = ["teacher_randformer_s12", "teacher_poolformerv2_s12",
+                "teacher_convformer_s18", "teacher_caformer_s18"]
 CONFIGS = ([(size, None) for size in ("s12", "s24", "s36", "m36", "m48")] +
            [(size, "ft384") for size in ("s12", "m48")] +
            [("riformer", arg) for arg in ("s24", "m36_ft384")] +
            [("roadmap", row) for row in ROADMAP_ROWS] +
-           [("roadmap_small", row) for row in ROADMAP_ROWS] +
+           [("roadmap_small", row) for row in ROADMAP_ROWS + TEACHER_ROWS] +
            [("demo", role) for role in ("teacher", "ce", "distilled")] +
            [("tiny", None), ("tiny", "with_teacher")])
 
@@ -58,6 +64,37 @@ def test_roadmap_rows_follow_the_paper():
   assert roadmap.get_config("identity_ce").model_name == "identityformer_s12"
   with pytest.raises(ValueError, match="unknown roadmap row 'affine_medium'"):
     roadmap.get_config("affine_medium")
+
+
+def test_tables_8_and_9_rows_follow_the_paper():
+  roadmap = importlib.import_module("configs.roadmap")
+  small = importlib.import_module("configs.roadmap_small")
+  for row, (student, teacher) in roadmap.TABLE9.items():
+    config = roadmap.get_config(row)
+    assert config.model_name == student and config.epochs == 130
+    assert roadmap.feature_teacher(row) == teacher
+    assert not config.teachers.init_from_feature  # appendix D names no initialisation
+    losses = config.losses
+    if teacher is None:  # "none": cross-entropy alone
+      assert (losses.ce.weight, losses.soft_kd.weight, losses.mi_in.weight) == (1, 0, 0)
+    else:  # logit KD plus module imitation, Table 4's windows in proportion
+      assert (losses.ce.weight, losses.soft_kd.weight) == (0, 1)
+      assert losses.mi_out.end_epoch == pytest.approx(130 * 80 / 120)
+      assert losses.mi_rel.end_epoch == pytest.approx(130 * 20 / 120)
+    # At small scale: 12 layers as the demo's S12, 18 layers 1.5x each stage.
+    depths = small.get_config(row).model.depths
+    assert depths == ((2, 2, 4, 2) if "_l12_" in row else (3, 3, 6, 3))
+  for row, model in roadmap.TABLE8.items():
+    config = roadmap.get_config(row)
+    assert (config.model_name, config.epochs, config.losses.soft_kd.weight) == (
+        model, 120, 1.0)
+    assert roadmap.feature_teacher(row) is None
+  assert small.get_config("t8_s9_soft").model.depths == (2, 2, 2, 2)
+  assert small.get_config("t8_xs12_soft").model.dims == (13, 27, 40, 53)
+  teacher = small.get_config("teacher_randformer_s12")
+  assert teacher.model.img_size == teacher.resolution and teacher.losses.ce.weight == 1
+  with pytest.raises(ValueError, match="no teacher row for 'convformer_s12'"):
+    small.get_config("teacher_convformer_s12")
 
 
 def test_small_roadmap_keeps_the_paper_s_fractions_of_training():

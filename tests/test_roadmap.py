@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = "pool_ce,mi_f80_r20_l4_init"
+# A roadmap row, Table 8's slimmed S9 and a Table 9 row with its own feature teacher.
+ROWS = "pool_ce,mi_f80_r20_l4_init,t8_s9_soft,t9_l12_poolformerv2"
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,13 @@ def test_roadmap_on_an_image_folder(tmp_path, image_folder):
   assert "--dataset=folder" in table.splitlines()[0]
   for term in ("mi_in", "mi_out", "mi_rel"):  # each term's size against L_soft
     assert f"| `mi_f80_r20_l4_init` | {term} |" in table
-  # The distilled row used the teacher trained in WORKDIR/teacher on the same folder.
+  # The distilled row used the teacher trained in WORKDIR/teacher on the same folder;
+  # the Table 9 row its PoolFormerV2, trained there too.
   assert results["teacher"] == os.path.join(str(tmp_path), "teacher", "student")
+  v2_teacher = results["feature_teachers"]["poolformerv2_s12"]["directory"]
+  assert v2_teacher == os.path.join(str(tmp_path), "teacher_poolformerv2_s12", "student")
+  assert f"--config.teachers.feature={v2_teacher}" in result.stdout
+  assert "Feature teachers: poolformerv2_s12" in table
 
   # Finished runs are reused: a second call trains nothing and gives the same table.
   again = roadmap(tmp_path, image_folder)
@@ -75,6 +81,16 @@ def test_roadmap_rejects_unknown_rows(tmp_path, capsys):
     roadmap.main([f"--workdir={tmp_path}", "--rows=pool_ce,affine_medium"])
   assert exit_.value.code != 0 and "affine_medium" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())  # rejected before anything ran
+
+
+def test_presets_expand_to_the_tables_rows():
+  import roadmap  # pylint: disable=import-outside-toplevel
+  assert roadmap.parse_args(["--rows=table9"]).rows == [
+      "t9_l12_none", "t9_l12_randformer", "t9_l12_poolformerv2", "t9_l18_none",
+      "t9_l18_convformer", "t9_l18_caformer"]
+  assert roadmap.parse_args(["--rows=table8,pool_ce"]).rows == [
+      "pool_ce", "t8_s9_soft", "t8_xs12_soft", "mi_f80_r20_l4_init"]
+  assert len(roadmap.parse_args([]).rows) == 14  # the roadmap proper by default
 
 
 def test_set_overrides_every_row_and_names_bad_fields(capsys):

@@ -24,7 +24,7 @@ from tensorboard.util import tensor_util
 
 import riformer_jax
 from configs import tiny
-from conftest import random_params
+from conftest import random_params, relative_error
 from riformer_jax.data import synthetic
 from riformer_jax.models import surgery
 from riformer_jax.train import distill, faults, trainer
@@ -336,6 +336,33 @@ def test_distillation_with_teachers_and_teacher_init(tmp_path, capsys):
   assert f"config.teachers.logit='{tmp_path / 'teacher'}' is not a readable model" in message
 
 
+@pytest.mark.heavy  # a training run: not in `make check`
+def test_table9_student_distils_from_a_v2_teacher_and_deploys(tmp_path, capsys):
+  """riformerv2 (Table 9's student) through the trainer: soft KD and module imitation
+  from a PoolFormerV2 directory, initialised from it, its deploy form evaluated and
+  written as the fold of what it trained."""
+  shape = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
+  teacher = riformer_jax.create_model("poolformerv2_s12", **shape)
+  store.save_pretrained(tmp_path / "teacher", "poolformerv2_s12", shape, random_params(
+      teacher, np.zeros((1, 32, 32, 3), np.float32), 3))
+  final, output = train_here(
+      tmp_path / "run", capsys, "with_teacher", total_steps=4, model_name="riformerv2_s12",
+      **{"teachers.logit": str(tmp_path / "teacher"),
+         "teachers.feature": str(tmp_path / "teacher")})
+  assert isinstance(final, dict), final
+  assert "student initialised from the feature teacher" in output
+  assert final["deploy/top1"] == final["student/top1"]
+  train_lines = [json.loads(line) for line in
+                 (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if "loss/total" in line]
+  assert all(m["loss/mi_in"] > 0 and m["loss/mi_rel"] > 0 for m in train_lines)
+  student, trained = riformer_jax.load_pretrained(tmp_path / "run" / "student")
+  deploy, folded = riformer_jax.load_pretrained(tmp_path / "run" / "deploy")
+  assert deploy.deploy and isinstance(deploy, type(student))
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  assert relative_error(deploy.apply(folded, images), student.apply(trained, images)) < 1e-5
+
+
 def test_bad_configuration_is_named(tmp_path):
   # The command line's own messages: three processes side by side.
   processes = [start(tmp_path, override) for override in (
@@ -427,3 +454,10 @@ def socket_port():
     probe.bind(("localhost", 0))
     port = probe.getsockname()[1]
   yield port
+
+
+def test_module_imitation_blocks_the_model_lacks_are_named(tmp_path, capsys):
+  message, _ = train_here(tmp_path, capsys, **{"distill.mi_blocks": ("stages_2/blocks_5",)})
+  assert message.startswith("config.distill.mi_blocks: ['stages_2/blocks_5'] are not "
+                            "blocks of riformer_s12, whose depths (1, 1, 2, 1)"), message
+  assert not any((tmp_path / "checkpoints").iterdir())  # refused before any step

@@ -4,7 +4,9 @@
                                     [--rounds 5] [--json runtimes.json]
 
 Models (random weights: speed does not depend on their values): RIFormer in deploy
-form and with the fused deploy block, IdentityFormer and PoolFormer, each exported by
+form and with the fused deploy block, IdentityFormer and PoolFormer (at S12 also the
+paper's Table 8 PoolFormer-S9 and PoolFormer-XS12, in float32 ONNX Runtime and
+OpenVINO: the runtimes where the deploy form is fastest), each exported by
 `riformer_jax.deploy.export` at batch 1 and 16 and run in XLA (`jax.export`), ONNX Runtime,
 OpenVINO (float32 and int8) and LiteRT; beside them the originals in PyTorch:
 MMPreTrain's deploy RIFormer and timm's PoolFormer, eager NCHW, eager channels_last and
@@ -144,16 +146,24 @@ class Workers:
 # ----------------------------------------------------------------- artifacts
 
 
+# Table 8's slimmed PoolFormers (S12 only): label -> registry name.
+SLIMMED = {"PoolFormer-S9": "poolformer_s9", "PoolFormer-XS12": "poolformer_xs12"}
+_SLIMMED_RUNTIMES = (("onnxruntime", "float32"), ("openvino", "float32"))
+
+
 def _export_all(workdir, size, resolution, batches, calibration_images, log):
-  """Exports the four models at each batch; returns `{(model, batch): prefix}`."""
+  """Exports the models at each batch; returns `{(model, batch): prefix}`."""
   import jax  # noqa: PLC0415
 
   from riformer_jax.models import registry  # noqa: PLC0415
 
+  models = [("RIFormer (deploy)", f"riformer_{size}", {"deploy": True}),
+            ("IdentityFormer", f"identityformer_{size}", {}),
+            ("PoolFormer", f"poolformer_{size}", {})]
+  if size == "s12":
+    models += [(label, name, {}) for label, name in SLIMMED.items()]
   sources = {}
-  for label, name, kwargs in (("RIFormer (deploy)", f"riformer_{size}", {"deploy": True}),
-                              ("IdentityFormer", f"identityformer_{size}", {}),
-                              ("PoolFormer", f"poolformer_{size}", {})):
+  for label, name, kwargs in models:
     if os.path.exists(os.path.join(workdir, name, store.MANIFEST)):
       sources[label] = os.path.join(workdir, name)
       continue
@@ -164,9 +174,11 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
         os.path.join(workdir, name), name, kwargs, params, overwrite=True,
         preprocessing=store.preprocessing_record(resolution))
   prefixes = {}
-  for label, fused in (("RIFormer (deploy)", False), ("RIFormer (fused)", True),
-                       ("IdentityFormer", False), ("PoolFormer", False)):
+  exports = [("RIFormer (deploy)", False), ("RIFormer (fused)", True),
+             ("IdentityFormer", False), ("PoolFormer", False)]
+  for label, fused in exports + [(label, False) for label in SLIMMED if label in sources]:
     source = sources["RIFormer (deploy)" if fused else label]
+    slim = label in SLIMMED
     for batch in batches:
       prefix = os.path.join(workdir, f"{label.split()[0].lower()}{'_fused' * fused}_b{batch}")
       prefixes[(label, batch)] = prefix
@@ -176,8 +188,10 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
       # A process per export: what the converters keep (jax2tf and TFLite graphs,
       # compiled programs) adds up to gigabytes over the eight exports.
       command = [sys.executable, "-m", "riformer_jax.deploy.export", "--src", source, "--dst",
-                 prefix, "--format", "onnx,openvino,litert,jax", "--batch", str(batch),
-                 "--int8", "--calibration_images", str(calibration_images)]
+                 prefix, "--batch", str(batch)] + (
+                     ["--format", "onnx,openvino"] if slim else
+                     ["--format", "onnx,openvino,litert,jax", "--int8",
+                      "--calibration_images", str(calibration_images)])
       result = subprocess.run(command + ["--fused"] * fused, capture_output=True,
                               text=True)
       if result.returncode:
@@ -195,10 +209,10 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
     shape = (batch, resolution, resolution, 3)
     # "bfloat16 hint": the float32 file compiled as OpenVINO does by default on CPUs
     # with bfloat16 units (runtimes.load says why float32 rows set the f32 hint).
-    for runtime, precision in (("xla", "float32"), ("onnxruntime", "float32"),
-                               ("onnxruntime", "int8"), ("openvino", "float32"),
-                               ("openvino", "bfloat16 hint"), ("openvino", "int8"),
-                               ("litert", "float32")):
+    for runtime, precision in _SLIMMED_RUNTIMES if label in SLIMMED else (
+        ("xla", "float32"), ("onnxruntime", "float32"), ("onnxruntime", "int8"),
+        ("openvino", "float32"), ("openvino", "bfloat16 hint"), ("openvino", "int8"),
+        ("litert", "float32")):
       path = prefix + ("_int8" if precision == "int8" else "") + runtimes.SUFFIX[runtime]
       hint = "bf16" if precision == "bfloat16 hint" else None
       for threads in thread_counts:
@@ -294,7 +308,7 @@ def table(results, batches=(1, 16)):
       torch_best[key] = min(torch_best.get(key, np.inf), r["p50_ms"])
   baseline_of = {"RIFormer (deploy)": "RIFormer (deploy)", "RIFormer (fused)":
                  "RIFormer (deploy)", "IdentityFormer": "RIFormer (deploy)",
-                 "PoolFormer": "PoolFormer"}
+                 "PoolFormer": "PoolFormer", **{label: "PoolFormer" for label in SLIMMED}}
   lines = [f"| model | from | runtime | precision | threads | batch {small} p50 ms | "
            f"p90 ms | vs best PyTorch | batch {large} img/s |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -339,6 +353,16 @@ def targets(results, batch=1):
         f"{torch_best['p50_ms'] / int8['p50_ms']:.2f}x (target 2.5x); PoolFormer in "
         f"{fp32['runtime']} {pool['p50_ms']:.1f} ms, RIFormer "
         f"{pool['p50_ms'] / fp32['p50_ms']:.2f}x faster (goal 1.15x)")
+    # Table 8 in the runtime (of those the slimmed PoolFormers run in) where the deploy
+    # RIFormer is fastest: the paper's throughputs have S9 2.6% faster, XS12 2.4% slower.
+    deploy = best(lambda r: r in ours and r["model"] == "RIFormer (deploy)"
+                  and (r["runtime"], r["precision"]) in _SLIMMED_RUNTIMES)
+    same = {r["model"]: r for r in ours if deploy and r["runtime"] == deploy["runtime"]
+            and r["precision"] == "float32"}
+    if deploy and set(SLIMMED) <= set(same) and "PoolFormer" in same:
+      lines.append(f"{threads} thread(s), Table 8 in {deploy['runtime']}: " + ", ".join(
+          f"{model} {same[model]['p50_ms']:.1f} ms" for model in
+          ("RIFormer (deploy)", "PoolFormer-S9", "PoolFormer-XS12", "PoolFormer")))
   return "\n".join(lines)
 
 

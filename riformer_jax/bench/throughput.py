@@ -9,7 +9,9 @@ One run measures, side by side on one machine:
 
 - inference images/s of PoolFormer, IdentityFormer, RIFormer at training time, RIFormer
   in deploy form (`reparameterize`) and with the fused deploy block, for each size, and
-  the ratios deploy/PoolFormer and fused/deploy;
+  the ratios deploy/PoolFormer and fused/deploy; at S12 also Table 8's slimmed
+  PoolFormers (S9: depth 9; XS12: 5/6 of the width), the paper's other ways to a
+  faster S12, against the deploy form;
 - the same architectures in PyTorch where torch is importable (`torch_models`): timm's
   PoolFormer v1 and MMPreTrain's deploy RIFormer on our deploy weights, eager and
   `torch.compile`d, in float32 and the accelerator's half precision;
@@ -46,7 +48,10 @@ from riformer_jax.models import counting, registry
 from riformer_jax.train import distill, losses, optim
 
 SIZES = ("s12", "s24", "s36", "m36", "m48")
-FORMS = ("poolformer", "identityformer", "riformer", "deploy", "fused")
+FORMS = ("poolformer", "identityformer", "riformer", "deploy", "fused", "poolformer_s9",
+         "poolformer_xs12")
+# Table 8's slimmed PoolFormers: registry names of their own, rows at size s12 only.
+SLIMMED = ("poolformer_s9", "poolformer_xs12")
 TRAIN_STEPS = ("ce", "soft_kd", "mi")
 # Any non-zero weight runs its term (a zero one is skipped by `lax.cond`); the values
 # do not change the work.
@@ -138,9 +143,17 @@ def relation_macs(model, resolution, blocks):
 
 
 def _overrides_for(name, overrides, resolution):
-  """`overrides`, plus `img_size` for the GFNets (their filters fit one resolution)."""
+  """`overrides`, plus `img_size` for the GFNets (their filters fit one resolution);
+  for a slimmed PoolFormer under a shape override, the override slimmed as S9 and
+  XS12 slim S12 (half the third stage; 5/6 of each width)."""
   if hasattr(registry.registry_class(name), "img_size"):
     return dict(overrides, img_size=resolution)
+  if name == "poolformer_s9" and "depths" in overrides:
+    depths = list(overrides["depths"])
+    depths[2] = max(1, depths[2] // 2)
+    return dict(overrides, depths=depths)
+  if name == "poolformer_xs12" and "dims" in overrides:
+    return dict(overrides, dims=[max(1, round(d * 5 / 6)) for d in overrides["dims"]])
   return overrides
 
 
@@ -161,11 +174,18 @@ def _forward(model, params, images):
   return model.apply({"params": params}, images, train=False)
 
 
-def _form_model(form, size, overrides, dtype):
-  family = "riformer" if form in ("deploy", "fused") else form
+def _form_name(form, size):
+  if form in SLIMMED:
+    return form
+  return f"{'riformer' if form in ('deploy', 'fused') else form}_{size}"
+
+
+def _form_model(form, size, overrides, dtype, resolution=224):
   extra = {"deploy": dict(deploy=True), "fused": dict(deploy=True, fused=True)}
-  return registry.create_model(f"{family}_{size}", dtype=dtype, **overrides,
-                             **extra.get(form, {}))
+  name = _form_name(form, size)
+  return registry.create_model(name, dtype=dtype,
+                               **_overrides_for(name, overrides, resolution),
+                               **extra.get(form, {}))
 
 
 @functools.cache
@@ -173,12 +193,13 @@ def _form_params(form, size, params):
   """The deploy forms run RIFormer's params, re-parameterised (paper Eq. 4)."""
   if form in ("deploy", "fused"):
     return riformer_jax.reparameterize(params(f"riformer_{size}"))
-  return params(f"{form}_{size}")
+  return params(_form_name(form, size))
 
 
 _LABELS = {
     "jax": {"riformer": "riformer (train form)", "deploy": "riformer deploy",
-            "fused": "riformer fused deploy", "ce": "CE", "soft_kd": "soft KD",
+            "fused": "riformer fused deploy", "poolformer_s9": "poolformer-s9 (Table 8)",
+            "poolformer_xs12": "poolformer-xs12 (Table 8)", "ce": "CE", "soft_kd": "soft KD",
             "mi": "soft KD + module imitation"},
     "torch": {"poolformer": "timm poolformer", "deploy": "mmpretrain riformer deploy"},
 }
@@ -200,7 +221,9 @@ def jax_inference(args, overrides, params, images):
   rows, thunks = [], {}
   for size in args.sizes:
     for form in args.forms:
-      model = _form_model(form, size, overrides, jnp.dtype(args.dtype))
+      if form in SLIMMED and size != "s12":
+        continue
+      model = _form_model(form, size, overrides, jnp.dtype(args.dtype), args.resolution)
       form_params = _form_params(form, size, params)
       compiled, fields = compile_and_analyse(
           jax.jit(functools.partial(_forward, model)), form_params, images)
@@ -338,6 +361,9 @@ def ratios(rows, args):
     add("deploy / riformer train form", size, ours["deploy"], ours["riformer"])
     # The same computation under two names: how far apart equal rows come out.
     add("identityformer / deploy", size, ours["identityformer"], ours["deploy"])
+    for slim in SLIMMED:  # Table 8: the paper has 0.97x (S9) and 1.02x (XS12) on an A100
+      add(f"deploy / {slim}", size, ours["deploy"], ours[slim])
+      add(f"{slim} / poolformer", size, ours[slim], ours["poolformer"])
     for mode in args.torch_modes:
       for dtype in args.torch_dtypes:
         add(f"torch {mode} {dtype}: deploy / poolformer", size,

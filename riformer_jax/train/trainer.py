@@ -246,6 +246,24 @@ def build_student(config):
   return student, deploy
 
 
+def check_mi_blocks(config, student, feature_teacher):
+  """Every block of config.distill.mi_blocks exists in the student and the feature
+  teacher (the step traces module imitation even at weight 0); else a `RunError`."""
+  models = [(config.model_name, student)]
+  if feature_teacher is not None:
+    models.append((f"the feature teacher {config.teachers.feature!r}",
+                   feature_teacher.module))
+  for name, module in models:
+    depths = tuple(getattr(module, "depths", ()))
+    blocks = {f"stages_{i}/blocks_{j}" for i, d in enumerate(depths) for j in range(d)}
+    missing = [b for b in config.distill.mi_blocks if depths and b not in blocks]
+    if missing:
+      raise faults.RunError(
+          f"config.distill.mi_blocks: {missing} are not blocks of {name}, whose depths "
+          f"{depths} have stages_0/blocks_0 ... stages_{len(depths) - 1}/blocks_"
+          f"{depths[-1] - 1}")
+
+
 @dataclasses.dataclass
 class Placed:
   """The run's arrays on the mesh: the train state (restored from the newest checkpoint
@@ -329,6 +347,7 @@ def train_and_evaluate(config, workdir, accept_changes=False):
   shared_teacher = teachers["logit"] is not None and teachers["logit"] is teachers["feature"]
 
   student, deploy = build_student(config)
+  check_mi_blocks(config, student, teachers["feature"])
   steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size,
                                              jax.process_count())
   total_steps = config.total_steps or config.epochs * steps_per_epoch
