@@ -341,6 +341,43 @@ def test_export_errors_name_the_problem_and_leave_nothing(tmp_path, monkeypatch,
     export.export(source, prefix, ("onnx", "litert"), log=lambda _: None)
   assert os.listdir(tmp_path / "out") == []  # no ONNX file without its manifest
 
+  # An unreachable URL (an OSError): one line naming it, no traceback.
+  monkeypatch.setenv("RIFORMER_JAX_CACHE", str(tmp_path / "cache"))
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", "http://127.0.0.1:9/poolformer_s12.pth", "--dst", prefix])
+  assert "http://127.0.0.1:9/poolformer_s12.pth: download failed" in str(failure.value)
+
+
+@pytest.mark.heavy  # a LiteRT conversion: not in `make check`
+def test_a_litert_converter_failure_is_one_line_and_leaves_nothing(tmp_path):
+  source, _, _ = make_source(tmp_path, "riformer_s12", deploy=True)
+  # A 1x1 last stage at batch 1: the converter's batch_matmul of rank 4.
+  with pytest.raises(export.ExportError, match=r"LiteRT's converter failed at 32 px, "
+                     r"batch 1: 'tfl.batch_matmul' op found invalid output rank"):
+    export.export(source, str(tmp_path / "out" / "m"), ("onnx", "litert"), batch=1,
+                  log=lambda _: None)
+  assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_damaged_artifact_is_named_by_its_runtime(tmp_path, capsys):
+  """A truncated file in each runtime: `ArtifactError` naming the file, and `edge` says
+  it in one line."""
+  source, _, _ = make_source(tmp_path, "riformer_s12", deploy=True)
+  prefix = str(tmp_path / "m")
+  export.export(source, prefix, ("onnx", "openvino"), int8=True, calibration_count=4,
+                log=lambda _: None)
+  for path in (prefix + "_int8.onnx", prefix + "_int8.xml"):
+    with open(path, "r+b") as f:
+      f.truncate(100)
+  for runtime, suffix in (("onnxruntime", "_int8.onnx"), ("openvino", "_int8.xml")):
+    with pytest.raises(runtimes.ArtifactError, match=rf"m{suffix}: {runtime} cannot load"):
+      runtimes.load(prefix + suffix, runtime)
+  assert runtimes.load(prefix + ".onnx", "onnxruntime")(nhwc_images()).shape == (3, 10)
+  with pytest.raises(SystemExit) as failure:
+    runtimes.main(["--artifacts", prefix, "--limit", "4"])
+  assert f"edge: {prefix}_int8" in str(failure.value)
+  assert "cannot load it" in str(failure.value)
+
 
 def test_onnx_needs_a_metaformer(tmp_path):
   # (That the base package imports no runtime: test_package.)

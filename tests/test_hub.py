@@ -195,6 +195,7 @@ def served(tmp_path_factory):
   named = folder / f"riformer-s12_32xb128_in1k_20230406-{digest[:8]}.pth"
   named.write_bytes(plain.read_bytes())
   (folder / "riformer-s12_in1k-deadbeef.pth").write_bytes(plain.read_bytes())
+  (folder / "ckpt-20240101.pth").write_bytes(plain.read_bytes())  # a date, not a hash
   server = _Server(folder)
   yield server, torch_model, digest, named.name
   server.close()
@@ -262,6 +263,11 @@ def test_a_url_without_a_hash_is_downloaded_with_a_warning_naming_its_sha256(
   assert f"no sha256 to check against (pass --sha256); it downloaded as sha256 {digest}" \
       in capsys.readouterr().err
   assert hashlib.sha256(pathlib.Path(fetched.path).read_bytes()).hexdigest() == digest
+  # Decimal digits after a dash are a date or a step, not a hash prefix: fetched, with
+  # the same warning (it was refused as a hash mismatch before).
+  dated = hub.fetch(f"{server.url}/ckpt-20240101.pth")
+  assert os.path.basename(dated.path) == "ckpt-20240101.pth"
+  assert "no sha256 to check against" in capsys.readouterr().err
   # A link without a file name: the server's Content-Disposition names it.
   drive = hub.fetch(f"{server.url}/f/riformer-s12.pth/?dl=1", sha256=digest)
   assert os.path.basename(drive.path) == "riformer-s12.pth" and drive.path != fetched.path
@@ -271,7 +277,7 @@ def test_a_url_without_a_hash_is_downloaded_with_a_warning_naming_its_sha256(
   assert hashlib.sha256(pathlib.Path(again.path).read_bytes()).hexdigest() == digest
 
 
-def test_a_teacher_and_an_export_may_name_a_hub_checkpoint(offline_hub):
+def test_a_teacher_and_an_export_may_name_a_hub_checkpoint(offline_hub, tmp_path):
   from riformer_jax.deploy import export  # noqa: PLC0415
   from riformer_jax.train import faults, trainer  # noqa: PLC0415
 
@@ -283,3 +289,8 @@ def test_a_teacher_and_an_export_may_name_a_hub_checkpoint(offline_hub):
   module, params, manifest = export.load_for_export(HUB_NAME)
   assert manifest["source"] == HUB_NAME and manifest["revision"] == COMMIT
   assert "head" in params and module.head == "timm"
+  # The artifact's manifest names the hub model, not a path under the current
+  # directory (it recorded os.path.abspath("hf-hub:...") before).
+  record = export.export(HUB_NAME, str(tmp_path / "m"), ("jax",), resolution=32,
+                         log=lambda _: None)
+  assert record["source"] == HUB_NAME

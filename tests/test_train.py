@@ -461,3 +461,26 @@ def test_module_imitation_blocks_the_model_lacks_are_named(tmp_path, capsys):
   assert message.startswith("config.distill.mi_blocks: ['stages_2/blocks_5'] are not "
                             "blocks of riformer_s12, whose depths (1, 1, 2, 1)"), message
   assert not any((tmp_path / "checkpoints").iterdir())  # refused before any step
+
+
+def test_data_errors_are_one_line_naming_the_data(tmp_path, capsys):
+  """An unknown TFDS name, a folder source without its root, a data set smaller than
+  one global batch: `RunError`s (train.py prints them without a traceback)."""
+  from PIL import Image  # noqa: PLC0415
+  for label in ("a", "b"):  # 2 classes x 3 images: less than one batch of 32
+    os.makedirs(tmp_path / "few" / "train" / label)
+    for i in range(3):
+      Image.new("RGB", (8, 8)).save(tmp_path / "few" / "train" / label / f"{i}.png")
+  shutil.copytree(tmp_path / "few" / "train", tmp_path / "few" / "test")
+  cases = [
+      ({"data.dataset": "tfds:no_such_ds"}, "config.data: unknown TFDS data set "
+       "'no_such_ds'"),
+      ({"data.dataset": "folder"}, "config.data: dataset='folder' needs data_dir=<root>"),
+      ({"data.dataset": "folder", "data.data_dir": str(tmp_path / "few"),
+        "model.num_classes": 2},
+       "config.data: folder/train has 6 examples, fewer than one global batch of 32: "
+       "lower config.batch_size"),
+  ]
+  for index, (changes, expected) in enumerate(cases):
+    message, _ = train_here(tmp_path / f"run{index}", capsys, **changes)
+    assert isinstance(message, str) and message.startswith(expected), message

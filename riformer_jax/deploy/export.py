@@ -46,7 +46,7 @@ import numpy as np
 
 from riformer_jax.deploy import runtimes
 from riformer_jax.models import baselines, metaformer, registry, surgery
-from riformer_jax.weights import pretrained, store
+from riformer_jax.weights import hub, pretrained, store
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
 # TFLiteConverter's int8 (representative data set) on the StableHLO route wrote files
@@ -168,7 +168,15 @@ def litert_model(module, params, resolution, batch=None, layout="NHWC", preproce
   if dtype == "float16":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-  return converter.convert()
+  try:
+    return converter.convert()
+  except Exception as e:  # ConverterError and the MLIR passes' own types
+    errors = [line.rsplit("error: ", 1)[-1] for line in str(e).splitlines()
+              if "error: " in line] or [type(e).__name__]
+    raise ExportError(
+        f"LiteRT's converter failed at {resolution} px, batch {batch or 'symbolic'}: "
+        f"{errors[0].strip()[:300]}. Degenerate sizes (a 1x1 last stage at batch 1) "
+        "are known to fail: try another --resolution or --batch") from e
 
 
 def onnx_model(module, params, resolution, batch=None, layout="NHWC", preprocess=None,
@@ -343,7 +351,7 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
     shape, input_dtype = input_spec(size, batch, layout, preprocess)
     record = {
         "model": manifest["model"], "kwargs": manifest["kwargs"],
-        "source": os.path.abspath(src), "deploy": bool(getattr(module, "deploy", False)),
+        "source": src if hub.is_remote(src) else os.path.abspath(src), "deploy": bool(getattr(module, "deploy", False)),
         "fused": bool(getattr(module, "fused", False)),
         "artifacts": {k: [os.path.basename(p) for p in v] for k, v in paths.items()},
         "input": {"name": "images", "shape": ["batch" if d is None else d for d in shape],
@@ -425,8 +433,8 @@ def main(argv=None):
     sys.exit(f"export: {e}; the edge runtimes are an optional extra: "
              "pip install \"riformer-jax[edge]\" (in a clone: pip install -r "
              "requirements-edge.txt)")
-  except (ValueError, FileNotFoundError) as e:  # ExportError is a ValueError
-    sys.exit(f"export: {e}")
+  except (ValueError, OSError) as e:  # ExportError is a ValueError; OSError: an
+    sys.exit(f"export: {e}")          # unreachable URL or hub, an unreadable file
 
 
 if __name__ == "__main__":

@@ -22,11 +22,35 @@ RUNTIMES = ("xla", "onnxruntime", "openvino", "litert")
 SUFFIX = {"xla": ".jax", "onnxruntime": ".onnx", "openvino": ".xml", "litert": ".tflite"}
 
 
+class ArtifactError(ValueError):
+  """An artifact its runtime cannot load (damaged, truncated, or not what the suffix
+  says): one line naming the file and the runtime's own reason."""
+
+
 def load(path, runtime, threads=None, precision=None):
   """`images (numpy) -> logits (numpy)` running `path` in `runtime` on the CPU.
 
   `precision`: OpenVINO's INFERENCE_PRECISION_HINT, "f32" unless given (its CPU
-  default is bfloat16 where the CPU has bfloat16 units; export.save_openvino)."""
+  default is bfloat16 where the CPU has bfloat16 units; export.save_openvino).
+
+  Raises:
+    ArtifactError: the runtime failed to read or compile `path`.
+  """
+  if runtime not in RUNTIMES:
+    raise ValueError(f"runtime={runtime!r}: expected one of {RUNTIMES}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  try:
+    return _load(path, runtime, threads, precision)
+  except ImportError:
+    raise
+  except Exception as e:  # each runtime raises its own types (pybind, RuntimeError)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+    raise ArtifactError(f"{path}: {runtime} cannot load it ({type(e).__name__}: "
+                        f"{reason}); export it again") from e
+
+
+def _load(path, runtime, threads, precision):
   if runtime == "onnxruntime":
     import onnxruntime as ort  # noqa: PLC0415
     options = ort.SessionOptions()
@@ -64,13 +88,11 @@ def load(path, runtime, threads=None, precision=None):
       interpreter.invoke()
       return interpreter.get_tensor(target["index"]).copy()
     return run
-  if runtime == "xla":
-    import jax  # noqa: PLC0415
-    with open(path, "rb") as f:
-      exported = jax.export.deserialize(f.read())
-    call = jax.jit(exported.call)
-    return lambda images: np.asarray(call(images))
-  raise ValueError(f"runtime={runtime!r}: expected one of {RUNTIMES}")
+  import jax  # noqa: PLC0415 (xla, the last of the RUNTIMES load() accepts)
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(f.read())
+  call = jax.jit(exported.call)
+  return lambda images: np.asarray(call(images))
 
 
 def read_export_manifest(prefix):
@@ -183,7 +205,7 @@ def main(argv=None):
     sys.exit(f"edge: {e}; the edge runtimes are an optional extra: "
              "pip install \"riformer-jax[edge]\" (in a clone: pip install -r "
              "requirements-edge.txt)")
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # ArtifactError is a ValueError
     sys.exit(f"edge: {e}")
   print(f"{manifest['model']} from {manifest['source']}, {args.dataset}/{args.split}, "
         f"{rows[0]['images']} images")

@@ -216,7 +216,7 @@ def open_sources(config):
     eval_source = sources.get_source(
         config.data.dataset, config.data.eval_split, data_dir=data_dir,
         seed=config.data.seed, class_names=getattr(train_source, "class_names", None))
-  except FileNotFoundError as e:  # the message says how to obtain the data
+  except (FileNotFoundError, ValueError) as e:  # the message names the data and the fix
     raise faults.RunError(f"config.data: {e}") from e
   return train_source, eval_source
 
@@ -348,8 +348,11 @@ def train_and_evaluate(config, workdir, accept_changes=False):
 
   student, deploy = build_student(config)
   check_mi_blocks(config, student, teachers["feature"])
-  steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size,
-                                             jax.process_count())
+  try:
+    steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size,
+                                               jax.process_count())
+  except ValueError as e:  # fewer images than one global batch
+    raise faults.RunError(f"config.data: {e}: lower config.batch_size") from e
   total_steps = config.total_steps or config.epochs * steps_per_epoch
   distiller = make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher)
   placed = place_and_restore(config, mesh, distiller, student, teachers, shared_teacher,

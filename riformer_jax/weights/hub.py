@@ -28,8 +28,11 @@ import urllib.request
 HF_PREFIX = "hf-hub:"
 # Preferred first: safetensors needs no PyTorch to read.
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# torch.hub's check_hash convention: NAME-<first hex digits of the sha256>.EXT
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z.]+$")
+# torch.hub's check_hash convention: NAME-<first hex digits of the sha256>.EXT. A group
+# of decimal digits only is a date or a step (ckpt-20240101.pth), not a hash: 8 hex
+# digits of a real digest are all decimal 2.3% of the time, and such a file is then
+# only unchecked (with the warning that says so), never refused.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]*[a-f][0-9a-f]*)\.[A-Za-z.]+$")
 
 
 @dataclasses.dataclass
@@ -136,7 +139,7 @@ def _expected_hash(filename, sha256):
       raise ValueError(f"--sha256 {sha256!r}: expected 64 hex digits")
     return sha256.lower()
   match = _HASH_IN_NAME.search(filename)
-  return match.group(1) if match else None
+  return match.group(1) if match and 8 <= len(match.group(1)) <= 64 else None
 
 
 def _check(digest, url, expected):
