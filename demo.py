@@ -149,6 +149,8 @@ def main(argv=None):
              for index, role in enumerate(roles)}
   except faults.RunError as e:  # a fault of a run: its message, no traceback
     sys.exit(str(e))
+  except KeyboardInterrupt:
+    faults.exit_interrupted("demo.py", workdir)
   if args.teacher:  # the distilled run evaluated it before its first step
     final["teacher"] = {"student/top1": next(
         m["teacher_logit/top1"] for m in read_metrics(os.path.join(workdir, "distilled"))

@@ -242,6 +242,8 @@ def main(argv=None):
     run_rows(args, argv)
   except faults.RunError as e:  # a fault of a run: its message, no traceback
     sys.exit(str(e))
+  except KeyboardInterrupt:
+    faults.exit_interrupted("roadmap.py", args.workdir)
 
 
 def run_rows(args, argv):

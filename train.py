@@ -75,6 +75,8 @@ def main(argv):
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.accept_config_changes)
   except faults.RunError as e:
     sys.exit(f"train.py: {e}")
+  except KeyboardInterrupt:  # Ctrl-C: during the loop the state was saved first
+    faults.exit_interrupted("train.py", FLAGS.workdir)
 
 
 if __name__ == "__main__":

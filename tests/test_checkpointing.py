@@ -82,6 +82,20 @@ def test_restore_skips_broken_checkpoints_newest_first(tmp_path):
   checkpoints.close()
 
 
+def test_a_second_ctrl_c_exits_at_once(tmp_path, monkeypatch, capsys):
+  preemption = checkpointing.Preemption(checkpointing.Checkpoints(tmp_path, keep=1))
+
+  def exit_now(code):
+    raise SystemExit(code)
+  monkeypatch.setattr(checkpointing.os, "_exit", exit_now)
+  preemption._on_signal(signal.SIGINT, None)  # the first: saves at the step's end
+  assert preemption.requested == "SIGINT"
+  with pytest.raises(SystemExit) as exit_:
+    preemption._on_signal(signal.SIGINT, None)
+  assert exit_.value.code == 130
+  assert "Ctrl-C again: exiting now, without saving" in capsys.readouterr().err
+
+
 def test_restore_names_the_workdir_when_nothing_restores(tmp_path):
   checkpoints = checkpointing.Checkpoints(tmp_path, keep=5)
   checkpoints.save(4, state(4))
@@ -93,11 +107,13 @@ def test_restore_names_the_workdir_when_nothing_restores(tmp_path):
   assert (tmp_path / "checkpoints" / "4").is_dir()  # nothing moved
 
 
-def test_a_single_process_catches_sigterm_and_restores_the_handler(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_single_process_catches_sigterm_and_sigint_and_restores_the_handlers(
+    tmp_path, sig):
   preemption = checkpointing.Preemption(checkpointing.Checkpoints(tmp_path, keep=1))
-  before = signal.getsignal(signal.SIGTERM)
-  with preemption.handling_sigterm():
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with preemption.handling_signals():
     assert not preemption.reached(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert preemption.reached(2)
-  assert signal.getsignal(signal.SIGTERM) is before
+    os.kill(os.getpid(), sig)
+    assert preemption.reached(2) and preemption.requested == sig.name
+  assert {s: signal.getsignal(s) for s in before} == before

@@ -225,11 +225,16 @@ def test_rerunning_a_finished_run_evaluates_it_again(straight, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("sig", [
-    signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+    signal.SIGKILL, signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_run_is_bit_identical(straight, tmp_path, sig):
   code, output = interrupt(tmp_path, sig, "--config.log_every_steps=4")
   if sig == signal.SIGKILL:
     assert code == -signal.SIGKILL
+  elif sig == signal.SIGINT:  # Ctrl-C: the step finished and saved, exit status 130
+    assert code == 130 and "Ctrl-C: finishing this step, saving" in output, output
+    saved = int(output.split("SIGINT: saved step ")[1].split(",")[0])
+    assert saved in checkpoint_steps(tmp_path)
+    assert "train.py: interrupted (Ctrl-C)" in output and "Traceback" not in output
   else:
     assert code == 0 and "SIGTERM: saved step" in output, output
   assert not (tmp_path / "student").exists()  # it really stopped early
@@ -484,3 +489,19 @@ def test_data_errors_are_one_line_naming_the_data(tmp_path, capsys):
   for index, (changes, expected) in enumerate(cases):
     message, _ = train_here(tmp_path / f"run{index}", capsys, **changes)
     assert isinstance(message, str) and message.startswith(expected), message
+
+
+@pytest.mark.heavy  # two train.py processes: not in `make check`
+def test_a_second_train_py_on_a_live_run_s_workdir_is_refused(tmp_path):
+  first = start(tmp_path, "--config.total_steps=400")
+  try:
+    while not (tmp_path / "run.lock").exists():
+      assert first.poll() is None, first.stdout.read()
+      time.sleep(0.05)
+    code, output = run(tmp_path)
+    assert code == 1 and "Traceback" not in output, output
+    assert (f"train.py: {tmp_path} is in use by another run (host {socket.gethostname()}, "
+            f"pid {first.pid}, started ") in output
+  finally:
+    first.kill()
+    first.wait()

@@ -13,7 +13,11 @@ lists what may change). Saves are refused once the non-finite watch has fired.
 
 Preemption: one process catches SIGTERM itself; with several, orbax's preemption
 support (`CheckpointManager.reached_preemption`, JAX's preemption sync manager) lets
-every host agree on the step to save at without a collective on every step.
+every host agree on the step to save at without a collective on every step. Ctrl-C
+(SIGINT) in one process is a SIGTERM the user sent: the step finishes, the state is
+saved, the run exits; a second Ctrl-C exits at once (orbax writes each checkpoint to
+a temporary directory and renames it when complete, so the newest one on disk is
+whole either way).
 """
 
 import contextlib
@@ -21,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -139,31 +144,49 @@ class Checkpoints:
 
 
 class Preemption:
-  """Whether the run should save and stop now.
+  """Whether the run should save and stop now, and which signal asked (`requested`:
+  "SIGTERM", "SIGINT" or None).
 
-  A single process catches SIGTERM itself (the handler only sets a flag; the loop
-  saves at the end of the step). With several processes JAX's preemption service
-  owns SIGTERM: it spreads the notice to every host in the background and names one
-  step at which all of them save (`reached_preemption`), so no step waits on the
-  others just to ask.
+  A single process catches SIGTERM and SIGINT itself (the handler only sets a flag;
+  the loop saves at the end of the step; a second SIGINT exits at once). With
+  several processes JAX's preemption service owns SIGTERM: it spreads the notice to
+  every host in the background and names one step at which all of them save
+  (`reached_preemption`), so no step waits on the others just to ask; Ctrl-C keeps
+  Python's default there (a flag in one process would stop it alone).
   """
 
   def __init__(self, checkpoints):
     self.checkpoints = checkpoints
-    self.requested = False
+    self.requested = None
+
+  def _on_signal(self, number, _):
+    name = signal.Signals(number).name
+    if name == "SIGINT" and self.requested == "SIGINT":
+      print("\nCtrl-C again: exiting now, without saving (the newest checkpoint on "
+            "disk is whole; the same command resumes from it)", file=sys.stderr,
+            flush=True)
+      os._exit(128 + signal.SIGINT)  # at once: no cleanup that could wait on a save
+    if name == "SIGINT":
+      print("\nCtrl-C: finishing this step, saving and exiting (Ctrl-C again: exit "
+            "now, without saving)", file=sys.stderr, flush=True)
+    self.requested = self.requested or name
 
   @contextlib.contextmanager
-  def handling_sigterm(self):
+  def handling_signals(self):
     if jax.process_count() > 1:
       yield self
       return
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    previous = {number: signal.signal(number, self._on_signal)
+                for number in (signal.SIGTERM, signal.SIGINT)}
     try:
       yield self
     finally:  # the next run in this process (demo.py, roadmap.py) installs its own
-      signal.signal(signal.SIGTERM, previous)
+      for number, handler in previous.items():
+        signal.signal(number, handler)
 
   def reached(self, step):
     if jax.process_count() > 1:
-      return self.checkpoints.latest.reached_preemption(step)
-    return self.requested
+      if self.checkpoints.latest.reached_preemption(step):
+        self.requested = "SIGTERM"
+      return bool(self.requested)
+    return bool(self.requested)

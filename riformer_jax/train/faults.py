@@ -23,6 +23,14 @@ class RunError(Exception):
   """A run that cannot go on; the message says why and what to do."""
 
 
+def exit_interrupted(program, workdir):
+  """What a command does with Ctrl-C (KeyboardInterrupt): one line, exit status 130.
+  Inside the training loop the trainer saved the state first."""
+  print(f"{program}: interrupted (Ctrl-C); {workdir} keeps every checkpoint and "
+        "finished run written so far, and the same command resumes", file=sys.stderr)
+  sys.exit(128 + 2)  # 128 + SIGINT, as shells report it
+
+
 # --- non-finite values ------------------------------------------------------------
 
 @flax.struct.dataclass

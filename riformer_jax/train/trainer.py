@@ -32,6 +32,7 @@ from riformer_jax.train import (
   optim,
   parallel,
   reporting,
+  workdir_lock,
 )
 from riformer_jax.weights import pretrained, store
 
@@ -331,9 +332,16 @@ def train_batches(config, train_source, mesh, start, total_steps):
 
 def train_and_evaluate(config, workdir, accept_changes=False):
   """Trains (or resumes) in `workdir`; returns the final evaluation metrics, or None
-  when stopped by SIGTERM after saving. Faults raise `faults.RunError`;
-  `accept_changes` resumes despite a changed config (`--accept_config_changes`)."""
+  when stopped by SIGTERM after saving; after Ctrl-C (saved likewise) it raises
+  KeyboardInterrupt. Faults raise `faults.RunError`, among them a workdir that
+  another live run holds (`workdir_lock`); `accept_changes` resumes despite a
+  changed config (`--accept_config_changes`)."""
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, accept_changes)
+
+
+def _train_and_evaluate(config, workdir, accept_changes):
   mesh = parallel.make_mesh()
   # Everything that can fault comes first, before any compilation.
   check_batch_split(config)
@@ -379,7 +387,8 @@ def train_and_evaluate(config, workdir, accept_changes=False):
   eval_every = config.eval_every_epochs * steps_per_epoch
   profiler = reporting.Profiler(workdir, config.profile_steps)
   preemption = checkpointing.Preemption(checkpoints)
-  with preemption.handling_sigterm(), contextlib.closing(reporter), \
+  stop = False
+  with preemption.handling_signals(), contextlib.closing(reporter), \
       contextlib.closing(checkpoints):  # closing waits for saves in flight
     for step in range(start, total_steps):
       batch = next(batches)
@@ -414,12 +423,18 @@ def train_and_evaluate(config, workdir, accept_changes=False):
         checkpoints.save_best(done, state, results["student/top1"])
         reporter.restart_clock(done)
       if stop:
-        reporter.message(f"SIGTERM: saved step {done}, exiting")
-        return None
-    checkpoints.wait()
-    results = evaluate(eval_fns, state, eval_source, config, mesh)
-    reporter.evaluation(total_steps, results)
-    checkpoints.save_best(total_steps, state, results["student/top1"])
+        reporter.message(f"{preemption.requested}: saved step {done}, exiting; the same "
+                         "command resumes")
+        break
+    else:
+      checkpoints.wait()
+      results = evaluate(eval_fns, state, eval_source, config, mesh)
+      reporter.evaluation(total_steps, results)
+      checkpoints.save_best(total_steps, state, results["student/top1"])
+  if preemption.requested == "SIGINT":  # saved (closing waited for the write): stop
+    raise KeyboardInterrupt
+  if stop:
+    return None
   if jax.process_index() == 0:
     save_final_models(workdir, config, state, deploy, train_source.class_names)
   if preemption.requested:  # came after the last step: now that all is written, obey it
