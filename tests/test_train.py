@@ -505,3 +505,30 @@ def test_a_second_train_py_on_a_live_run_s_workdir_is_refused(tmp_path):
   finally:
     first.kill()
     first.wait()
+
+
+def test_out_of_memory_names_the_batch_and_what_gives_memory_back(tmp_path, capsys,
+                                                                   monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED where the train step compiles (a CPU has no device memory
+  limit to run into, so the compile raises what an accelerator's XLA raises)."""
+  class OutOfMemory:
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(
+          "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
+  monkeypatch.setattr(trainer, "jit_train_step", lambda *args: OutOfMemory())
+  message, _ = train_here(tmp_path, capsys, accum_steps=2)
+  devices = jax.device_count()
+  assert message.startswith(
+      "out of device memory compiling or running the train step: riformer_s12 at 32 px, "
+      f"{32 // devices // 2} images per device per micro-batch (config.batch_size=32 over "
+      f"{devices} device(s), config.accum_steps=2); XLA: Out of memory while trying to allocate 25769803776 "
+      "bytes. What gives memory back: config.accum_steps=4"), message
+  assert "config.remat=True" in message and "config.fsdp=True" in message
+  # Another runtime error is not mistaken for it.
+  monkeypatch.setattr(OutOfMemory, "compile", lambda self: (_ for _ in ()).throw(
+      jax.errors.JaxRuntimeError("INTERNAL: something else")))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    train_here(tmp_path / "other", capsys)

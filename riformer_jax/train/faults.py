@@ -8,6 +8,7 @@ bad), and the host reads it only where it already waits for the device (log step
 and before every checkpoint. No step pays for a host sync to learn about a NaN.
 """
 
+import contextlib
 import logging
 import re
 import sys
@@ -29,6 +30,35 @@ def exit_interrupted(program, workdir):
   print(f"{program}: interrupted (Ctrl-C); {workdir} keeps every checkpoint and "
         "finished run written so far, and the same command resumes", file=sys.stderr)
   sys.exit(128 + 2)  # 128 + SIGINT, as shells report it
+
+
+# --- out of memory ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def naming_out_of_memory(config, where):
+  """XLA's RESOURCE_EXHAUSTED (at compile time or in a step) as a `RunError` that names
+  what took the memory and the fields that give some back; other errors pass."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise RunError(out_of_memory_message(config, where, e)) from e
+
+
+def out_of_memory_message(config, where, error):
+  devices = jax.device_count()
+  per_device = config.batch_size // max(devices, 1) // max(config.accum_steps, 1)
+  detail = str(error).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0][:200]
+  detail = detail.rstrip(".")
+  return (f"out of device memory {where}: {config.model_name} at {config.resolution} px, "
+          f"{per_device} images per device per micro-batch (config.batch_size="
+          f"{config.batch_size} over {devices} device(s), config.accum_steps="
+          f"{config.accum_steps}); XLA: {detail}. What gives memory back: "
+          f"config.accum_steps={2 * config.accum_steps} (the same update in smaller "
+          "micro-batches), config.remat=True (recompute each block in the backward "
+          "pass), config.fsdp=True (shard params, optimizer state and teachers), "
+          "config.compute_dtype='bfloat16', or a smaller config.batch_size")
 
 
 # --- non-finite values ------------------------------------------------------------

@@ -363,8 +363,9 @@ def _train_and_evaluate(config, workdir, accept_changes):
     raise faults.RunError(f"config.data: {e}: lower config.batch_size") from e
   total_steps = config.total_steps or config.epochs * steps_per_epoch
   distiller = make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher)
-  placed = place_and_restore(config, mesh, distiller, student, teachers, shared_teacher,
-                             checkpoints)
+  with faults.naming_out_of_memory(config, "placing the state and the teachers"):
+    placed = place_and_restore(config, mesh, distiller, student, teachers, shared_teacher,
+                               checkpoints)
   state, start = placed.state, placed.start
   watch = faults.NonFiniteWatch(WATCHED)
   train_step = jit_train_step(config, mesh, distiller, watch, placed)
@@ -388,8 +389,10 @@ def _train_and_evaluate(config, workdir, accept_changes):
   profiler = reporting.Profiler(workdir, config.profile_steps)
   preemption = checkpointing.Preemption(checkpoints)
   stop = False
+  # Closing waits for the saves in flight.
   with preemption.handling_signals(), contextlib.closing(reporter), \
-      contextlib.closing(checkpoints):  # closing waits for saves in flight
+      contextlib.closing(checkpoints), \
+      faults.naming_out_of_memory(config, "compiling or running the train step"):
     for step in range(start, total_steps):
       batch = next(batches)
       weights = loss_weights(config, step / steps_per_epoch)
