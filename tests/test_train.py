@@ -27,7 +27,7 @@ from configs import tiny
 from conftest import random_params, relative_error
 from riformer_jax.data import synthetic
 from riformer_jax.models import surgery
-from riformer_jax.train import distill, faults, trainer
+from riformer_jax.train import checkpointing, distill, faults, trainer
 from riformer_jax.weights import store
 
 pytestmark = pytest.mark.heavy  # real training processes: not in `make check`
@@ -532,3 +532,60 @@ def test_out_of_memory_names_the_batch_and_what_gives_memory_back(tmp_path, caps
       jax.errors.JaxRuntimeError("INTERNAL: something else")))
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     train_here(tmp_path / "other", capsys)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 64 MiB tmpfs: a real filesystem that fills up. Mounting needs root (as in this
+  project's CI containers); elsewhere the test says so and is skipped."""
+  mount_point = tmp_path / "disk"
+  mount_point.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs",
+                           str(mount_point)], capture_output=True, text=True)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the full-disk "
+                "path is then untested")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(directory):
+  """Writes a ballast file until the filesystem is full; returns its path."""
+  ballast = os.path.join(directory, "ballast")
+  with open(ballast, "wb") as f:
+    try:
+      while True:
+        f.write(b"\0" * (1 << 20))
+        f.flush()
+    except OSError:
+      pass
+  return ballast
+
+
+@pytest.mark.heavy  # two training runs: not in `make check`
+def test_a_full_disk_stops_the_run_and_every_earlier_checkpoint_resumes(
+    straight, small_filesystem, capsys, monkeypatch):
+  workdir = small_filesystem / "run"
+  save = checkpointing.Checkpoints.save
+  ballast = []
+
+  def save_on_a_full_disk(self, step, state):
+    if step == 8:  # the disk fills once the first checkpoint is written
+      self.wait()
+      ballast.append(fill(str(small_filesystem)))
+    save(self, step, state)
+  monkeypatch.setattr(checkpointing.Checkpoints, "save", save_on_a_full_disk)
+  message, output = train_here(workdir, capsys)
+  assert isinstance(message, str), message
+  assert message.startswith(f"could not write ") and str(workdir) in message, message
+  assert "no space left on device" in message and " MiB free" in message, message
+  assert "Traceback" not in output
+  assert checkpoint_steps(workdir) == [4]  # the failed write left no step 8
+  assert not (workdir / "student").exists()
+
+  monkeypatch.setattr(checkpointing.Checkpoints, "save", save)
+  os.remove(ballast[0])  # room again: the same run resumes and ends as if never stopped
+  final, output = train_here(workdir, capsys)
+  assert isinstance(final, dict), final
+  assert resumed_step(output) == 4
+  assert_same_tree(final_params(workdir), final_params(straight[0]))

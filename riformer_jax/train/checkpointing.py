@@ -123,24 +123,48 @@ class Checkpoints:
         multihost_utils.sync_global_devices("checkpoints set aside")
       self.latest.reload()
 
+  @contextlib.contextmanager
+  def _writing(self):
+    """A failed write (this one, or an earlier asynchronous one surfacing now) as a
+    `RunError` naming the directory and its free space: orbax writes each checkpoint
+    to a temporary directory first, so every earlier one is whole."""
+    try:
+      yield
+    except Exception as e:  # orbax surfaces TensorStore's errors as ValueError
+      kind = faults.write_failure(e)
+      if kind is None:
+        raise
+      whole = self.latest.all_steps()
+      raise faults.RunError(
+          f"could not write a checkpoint under {self.workdir} ({kind}; "
+          f"{faults.free_space(self.workdir)}). "
+          + (f"The newest whole checkpoint is step {max(whole)}: " if whole else
+             "No checkpoint was written yet: ")
+          + "make room (or fix the permissions) and run the same command to resume"
+      ) from e
+
   def save(self, step, state):
-    self.latest.save(step, args=ocp.args.StandardSave(state))
+    with self._writing():
+      self.latest.save(step, args=ocp.args.StandardSave(state))
     self.last_saved = step
 
   def save_best(self, step, state, top1):
     """Keeps `state` in best/ if its top-1 is among the best; a step saved before an
     interruption is not saved twice (orbax refuses)."""
     if step not in self.best.all_steps():
-      self.best.save(step, args=ocp.args.StandardSave(state), metrics={"top1": top1})
+      with self._writing():
+        self.best.save(step, args=ocp.args.StandardSave(state), metrics={"top1": top1})
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with self._writing():
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
 
   def close(self):
     """Waits for the saves in flight (also when the run stops on an error)."""
-    self.latest.close()
-    self.best.close()
+    with self._writing():
+      self.latest.close()
+      self.best.close()
 
 
 class Preemption:

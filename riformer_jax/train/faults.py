@@ -9,8 +9,11 @@ and before every checkpoint. No step pays for a host sync to learn about a NaN.
 """
 
 import contextlib
+import errno
 import logging
+import os
 import re
+import shutil
 import sys
 
 import flax
@@ -30,6 +33,51 @@ def exit_interrupted(program, workdir):
   print(f"{program}: interrupted (Ctrl-C); {workdir} keeps every checkpoint and "
         "finished run written so far, and the same command resumes", file=sys.stderr)
   sys.exit(128 + 2)  # 128 + SIGINT, as shells report it
+
+
+# --- a full disk -----------------------------------------------------------------
+
+_WRITE_FAILURES = {errno.ENOSPC: "no space left on device",
+                   errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+                   errno.EROFS: "read-only filesystem"}
+
+
+def write_failure(error):
+  """What kind of write failure `error` is ('no space left on device', ...), or None.
+  Orbax reports TensorStore's as a ValueError whose text carries the errno."""
+  if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+    return _WRITE_FAILURES[error.errno]
+  match = re.search(r"os_error_code='(\d+)'", str(error))
+  if match and int(match.group(1)) in _WRITE_FAILURES:
+    return _WRITE_FAILURES[int(match.group(1))]
+  return None
+
+
+def quiet_write_failure_tracebacks():
+  """Orbax logs each failed background write with a traceback (absl, ERROR) before the
+  failure reaches the run, which then stops with one message naming the directory
+  (checkpointing.Checkpoints): keep orbax's one-line records, drop those tracebacks."""
+  absl_logger = logging.getLogger("absl")
+  if any(getattr(f, "drops_write_tracebacks", False) for f in absl_logger.filters):
+    return
+
+  def drop_traceback(record):
+    if record.exc_info and write_failure(record.exc_info[1]):
+      record.exc_info, record.exc_text = None, None
+    return True
+  drop_traceback.drops_write_tracebacks = True
+  absl_logger.addFilter(drop_traceback)
+
+
+def free_space(path):
+  """'1.2 GiB free' on the filesystem holding `path` (or its nearest parent)."""
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  try:
+    free = shutil.disk_usage(path or ".").free
+  except OSError:
+    return "free space unknown"
+  return f"{free / 2**30:.2f} GiB free" if free >= 2**27 else f"{free / 2**20:.1f} MiB free"
 
 
 # --- out of memory ----------------------------------------------------------------

@@ -337,8 +337,19 @@ def train_and_evaluate(config, workdir, accept_changes=False):
   another live run holds (`workdir_lock`); `accept_changes` resumes despite a
   changed config (`--accept_config_changes`)."""
   os.makedirs(workdir, exist_ok=True)
+  faults.quiet_write_failure_tracebacks()
   with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, accept_changes)
+    try:
+      return _train_and_evaluate(config, workdir, accept_changes)
+    except (OSError, ValueError) as e:  # metrics, TensorBoard, the final models
+      kind = faults.write_failure(e)
+      if kind is None:
+        raise
+      raise faults.RunError(
+          f"could not write under {workdir} ({kind}; {faults.free_space(workdir)}): "
+          f"{str(e).splitlines()[0][:200]}. Checkpoints written before are whole: make "
+          "room and run the same command to resume (a finished run writes its final "
+          "models again)") from e
 
 
 def _train_and_evaluate(config, workdir, accept_changes):
