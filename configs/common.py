@@ -65,6 +65,10 @@ def riformer_config(size):
       # uint8 batches leave the host; normalisation and erasing run in the jitted step
       # (a quarter of the bytes, ~2 ms less host work per image: docs/data.md).
       uint8_batches=True,
+      # Training images that cannot be read (damaged or replaced after the start, a
+      # network filesystem) are skipped, named and counted (data/unreadable); past this
+      # fraction of the split the run stops.
+      max_bad_fraction=0.001,
   ))
   config.aug = ml_collections.ConfigDict(dict(
       auto_augment="rand-m9-mstd0.5-inc1",  # or "original" (AutoAugment) or ""

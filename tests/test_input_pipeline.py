@@ -441,18 +441,56 @@ def test_bad_files_are_skipped_counted_or_converted(tmp_path, caplog):
   assert batches[0]["image"].shape == (6, 32, 32, 3)
 
 
-def test_undecodable_file_is_named(tmp_path):
-  """A file that passes the index check (JPEG markers at both ends) but cannot be
-  decoded stops the iterator with an error naming the file."""
-  split = tmp_path / "train"
-  for i in range(3):
-    _save(str(split / "a" / f"{i}.jpg"), _photo(20, 20, i))
-  (split / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9")
-  source = sources.get_source("folder", "train", data_dir=str(tmp_path))
-  assert source.num_examples == 4
-  with pytest.raises(ValueError, match=r"broken\.jpg"):
+def _damaged_folder(tmp_path, scan=True):
+  """16 images of two classes; one of them damaged after the source indexed them (as
+  a file replaced or cut during a run): JPEG markers at both ends, nothing decodable."""
+  for i in range(16):
+    _save(str(tmp_path / "train" / "ab"[i % 2] / f"{i}.jpg"), _photo(20, 20, i))
+  source = sources.get_source("folder", "train", data_dir=str(tmp_path), scan=scan)
+  broken = source.paths.index(str(tmp_path / "train" / "a" / "4.jpg"))
+  (tmp_path / "train" / "a" / "4.jpg").write_bytes(
+      b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9")
+  return source, broken
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_an_image_that_breaks_mid_run_is_skipped_named_and_counted(tmp_path, scan):
+  source, broken = _damaged_folder(tmp_path, scan)
+  said = []
+  unreadable = pipeline.UnreadableExamples(source, max_fraction=0.5, log=said.append)
+  batches = _take(pipeline.train_batches(source, global_batch_size=4, seed=0,
+                                         recipe=FAST, num_steps=8, unreadable=unreadable))
+  rows = [pipeline.train_indices(source, 4, 0, step) for step in range(8)]
+  hits = [(step, row) for step, indices in enumerate(rows)
+          for row, index in enumerate(indices) if index == broken]
+  assert len(hits) == 2 and unreadable.count == 2  # two epochs of 16 images
+  assert said[0] == (f"step {hits[0][0]}: cannot read {source.paths[broken]} "
+                     "(jpeg::Uncompress failed. Invalid JPEG data or crop window.); "
+                     "skipped: a copy of another image of its batch takes its place")
+  for step, row in hits:  # the row is a copy of the batch's first readable one
+    first = 1 if row == 0 else 0
+    np.testing.assert_array_equal(batches[step]["image"][row],
+                                  batches[step]["image"][first])
+    assert batches[step]["label"][row] == batches[step]["label"][first]
+    assert set(batches[step]) == {"image", "label"}
+  # Resumed at the step of the second hit: the same batches, the same stand-in.
+  later = hits[1][0]
+  _assert_same_batches(_take(pipeline.train_batches(
+      source, global_batch_size=4, seed=0, recipe=FAST, start_step=later,
+      num_steps=8 - later, unreadable=pipeline.UnreadableExamples(
+          source, max_fraction=0.5, log=said.append))), batches[later:])
+  # Past the allowed fraction the run is told to stop, with the field and the file.
+  strict = pipeline.UnreadableExamples(source, max_fraction=0.01, log=said.append)
+  with pytest.raises(pipeline.TooManyUnreadable,
+                     match=r"1 examples of folder/train could not be read by step \d+, "
+                           r"more than config.data.max_bad_fraction=0.01 of its 16"):
     _take(pipeline.train_batches(source, global_batch_size=4, seed=0, recipe=FAST,
-                                       num_steps=1))
+                                 num_steps=8, unreadable=strict))
+  # The evaluation leaves it out and counts it.
+  (batch,) = _take(pipeline.eval_batches(source, global_batch_size=16, size=16,
+                                         crop_pct=None))
+  assert batch["unreadable"].tolist() == [i == broken for i in range(16)]
+  assert batch["mask"].tolist() == [i != broken for i in range(16)]
 
 
 def test_folder_of_only_bad_files(tmp_path):

@@ -25,7 +25,7 @@ from tensorboard.util import tensor_util
 import riformer_jax
 from configs import tiny
 from conftest import random_params, relative_error
-from riformer_jax.data import synthetic
+from riformer_jax.data import pipeline, sources, synthetic
 from riformer_jax.models import surgery
 from riformer_jax.train import checkpointing, distill, faults, trainer
 from riformer_jax.weights import store
@@ -589,3 +589,46 @@ def test_a_full_disk_stops_the_run_and_every_earlier_checkpoint_resumes(
   assert isinstance(final, dict), final
   assert resumed_step(output) == 4
   assert_same_tree(final_params(workdir), final_params(straight[0]))
+
+
+@pytest.mark.heavy  # two training runs: not in `make check`
+def test_an_image_that_breaks_mid_run_is_skipped_counted_and_reported(tmp_path, capsys,
+                                                                     monkeypatch):
+  """A folder whose files passed the start-up scan and then broke (as a file replaced
+  on a network filesystem): the run goes on, names the file, counts it in its metrics
+  and its evaluation, and stops once more than config.data.max_bad_fraction broke."""
+  from PIL import Image  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 40), ("test", 8)):
+    for label in ("a", "b"):
+      os.makedirs(tmp_path / "data" / split / label)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(
+            tmp_path / "data" / split / label / f"{i}.jpg")
+  broken = [tmp_path / "data" / "train" / "a" / "3.jpg",
+            tmp_path / "data" / "test" / "b" / "5.jpg"]
+  # The scan ran before they broke.
+  monkeypatch.setattr(sources, "_scan_file", lambda path: sources._Scan(path))
+  for path in broken:
+    path.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9")
+  data = {"data.dataset": "folder", "data.data_dir": str(tmp_path / "data"),
+          "model.num_classes": 2, "total_steps": 4, "log_every_steps": 2}
+  final, output = train_here(tmp_path / "run", capsys, **data,
+                             **{"data.max_bad_fraction": 0.05})
+  assert isinstance(final, dict), final
+  assert f"cannot read {broken[0]} (" in output
+  logged = [json.loads(line) for line in
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  # Each time the shuffled batches held it: the count at the last log step.
+  source = sources.get_source("folder", "train", data_dir=str(tmp_path / "data"))
+  index = source.paths.index(str(broken[0]))
+  times = sum(int((pipeline.train_indices(source, 32, 0, step) == index).sum())
+              for step in range(4))
+  assert times >= 1
+  assert [m["data/unreadable"] for m in logged if "data/unreadable" in m][-1] == times
+  assert final["eval/unreadable"] == 1
+  message, _ = train_here(tmp_path / "strict", capsys, **data,
+                          **{"data.max_bad_fraction": 0.01})
+  assert message.startswith("config.data: 1 examples of folder/train could not be read "
+                            "by step "), message
+  assert "more than config.data.max_bad_fraction=0.01 of its 80 (1)" in message

@@ -22,7 +22,8 @@ tf.data traceback.
 """
 
 import math
-from typing import Dict, Iterator, Optional
+import re
+from typing import Dict, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -93,7 +94,8 @@ def train_dataset(source: sources.Source, *, global_batch_size: int, seed: int,
                   recipe: augment.TrainAugment = augment.TrainAugment(), start_step: int = 0,
                   num_steps: Optional[int] = None, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, num_threads: Optional[int] = None,
-                  prefetch: int = 2, uint8: bool = False) -> tf.data.Dataset:
+                  prefetch: int = 2, uint8: bool = False,
+                  skip: Sequence[int] = ()) -> tf.data.Dataset:
   """This host's training batches from `start_step` on (random-access sources).
 
   Each element is {"image": float32 [B, size, size, 3] normalised, "label": int32
@@ -101,6 +103,9 @@ def train_dataset(source: sources.Source, *, global_batch_size: int, seed: int,
   batch. Endless unless `num_steps` is given. With `uint8`, "image" is uint8 before
   normalisation and "erase" int32 [B, 4] the random-erasing boxes, for
   `mixup.finish_batch` in the jitted step (a quarter of the bytes, less host work).
+  Examples whose index is in `skip` (known unreadable) are not read: their rows are
+  copies of another of their batch (`_stand_in_for_unreadable`); "index" [B] and
+  "readable" [B] say which.
   """
   if not source.random_access:
     raise ValueError(f"{source.name} is read sequentially; use train_batches()")
@@ -111,7 +116,7 @@ def train_dataset(source: sources.Source, *, global_batch_size: int, seed: int,
   order_key, aug_key = _root_key(seed, 1), _root_key(seed, 2)
   stop = _MAX_INDEX if num_steps is None else (start_step + num_steps) * host_batch
 
-  def locate(counter):
+  def locate(counter):  # (example index, augmentation key)
     step, row = counter // host_batch, counter % host_batch
     epoch = step // epoch_steps
     position = (step % epoch_steps) * global_batch_size + process_index * host_batch + row
@@ -119,80 +124,212 @@ def train_dataset(source: sources.Source, *, global_batch_size: int, seed: int,
     index = tf.random.experimental.index_shuffle(position, epoch_key, tf.constant(n - 1, tf.int64))
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(aug_key, epoch), index)
-    payload, label = source.lookup(index)
-    return _preprocess_train(source, payload, label, key, recipe, uint8)
+    return index, key
+
+  skipped = _skip_tensor(skip)
+
+  def read(counter):
+    index, key = locate(counter)
+
+    def decoded():
+      payload, label = source.lookup(index)
+      return _preprocess_train(source, payload, label, key, recipe, uint8)
+    return _unless_skipped(index, skipped, decoded, lambda: _placeholder(recipe, uint8))
 
   ds = tf.data.Dataset.range(start_step * host_batch, stop)
-  ds = ds.map(locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
+  if skip:
+    ds = ds.map(_stand_in_for_unreadable)
   return ds.prefetch(prefetch).with_options(_options(num_threads))
+
+
+# Unreadable examples. tf.data has no per-element try: an image that fails to read or
+# decode (damaged or replaced after the source's scan, a flaky network filesystem, a
+# corrupt record) stops the iterator. `ignore_errors` would drop it and shift every
+# later batch (no exact resume), and isolating each element in a dataset of its own
+# cost 2.6x the input rate (measured), so the host finds the failing batch's bad
+# examples (`Source.check`) and rebuilds the pipeline from that step with them
+# skipped: no cost until a file fails, the same batches on every host and on resume.
+
+def _skip_tensor(skip):
+  return tf.constant(sorted(skip), tf.int64) if skip else None
+
+
+def _unless_skipped(index, skipped, decoded, placeholder):
+  """`decoded()` with index and readable=True, or the placeholder where `index` is in
+  `skipped` (its file is then never touched). Nothing to skip (every run until a file
+  fails): no branch at all."""
+  if skipped is None:
+    return dict(decoded(), index=index, readable=tf.constant(True))
+  bad = tf.reduce_any(tf.equal(index, skipped))
+  element = tf.cond(bad, placeholder, decoded)
+  return dict(element, index=index, readable=tf.logical_not(bad))
+
+
+def _placeholder(recipe, uint8):
+  """What an unreadable training example holds until `_stand_in_for_unreadable`."""
+  size = recipe.size
+  if uint8:
+    return {"image": tf.zeros([size, size, 3], tf.uint8), "erase": tf.zeros([4], tf.int32),
+            "label": tf.constant(-1, tf.int32)}
+  return {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(-1, tf.int32)}
+
+
+def _stand_in_for_unreadable(batch):
+  """Each unreadable row becomes a copy of the batch's first readable one (image,
+  label, erasing box): the step keeps its shape and weights, and the copy depends on
+  the batch alone, so a resumed run sees the same batch. `index` and `readable` stay
+  for the host's count."""
+  readable = batch["readable"]
+  first = tf.argmax(tf.cast(readable, tf.int32), output_type=tf.int32)
+  rows = tf.where(readable, tf.range(tf.shape(readable)[0]), first)
+  return {k: v if k in ("index", "readable") else tf.gather(v, rows)
+          for k, v in batch.items()}
 
 
 def _sequential_train_batches(source, global_batch_size, seed, recipe, start_step,
                               num_steps, process_index, process_count, shuffle_buffer,
-                              num_threads, uint8):
-  """TFRecord TFDS: one seeded pass per epoch; resuming skips records undecoded."""
+                              num_threads, uint8, unreadable):
+  """TFRecord TFDS: one seeded pass per epoch; resuming skips records undecoded. A
+  batch that fails is read again with its bad records (found by decoding each
+  eagerly) skipped, from that step on, for the rest of the epoch."""
   host_batch = _host_batch(global_batch_size, process_count)
   epoch_steps = steps_per_epoch(source, global_batch_size, process_count)
   host_examples = source.num_examples // process_count
   host_split = source.host_split(process_index, process_count, drop_remainder=True)
   aug_key = _root_key(seed, 2)
-  step = start_step
+  step, skip = start_step, {}
   while num_steps is None or step < start_step + num_steps:
     epoch, offset = divmod(step, epoch_steps)
     shuffle_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
-    records = source.records(host_split, shuffle_seed, shuffle_buffer)
-    records = records.take(epoch_steps * host_batch).skip(offset * host_batch)
-    base = process_index * host_examples + offset * host_batch
+    epoch_records = source.records(host_split, shuffle_seed, shuffle_buffer).take(
+        epoch_steps * host_batch)
+    first = process_index * host_examples  # this host's positions in the epoch
+    skipped = _skip_tensor(skip.get(epoch, ()))
 
-    def preprocess(position, record, epoch=epoch):
+    def read(position, record, epoch=epoch):
+      index = position + first
       key = tf.random.experimental.stateless_fold_in(
-          tf.random.experimental.stateless_fold_in(aug_key, epoch), position + base)
-      return _preprocess_train(source, record[0], record[1], key, recipe, uint8)
+          tf.random.experimental.stateless_fold_in(aug_key, epoch), index)
+      return _unless_skipped(
+          index, skipped,
+          lambda: _preprocess_train(source, record[0], record[1], key, recipe, uint8),
+          lambda: _placeholder(recipe, uint8))
 
-    ds = records.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
-                                 deterministic=True)
-    ds = ds.batch(host_batch, drop_remainder=True).prefetch(2)
-    for batch in ds.with_options(_options(num_threads)).as_numpy_iterator():
-      yield batch
-      step += 1
-      if num_steps is not None and step >= start_step + num_steps:
-        return
+    ds = epoch_records.enumerate().skip(offset * host_batch).map(
+        read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(host_batch, drop_remainder=True)
+    if skip.get(epoch):
+      ds = ds.map(_stand_in_for_unreadable)
+    try:
+      for batch in ds.prefetch(2).with_options(_options(num_threads)).as_numpy_iterator():
+        yield _count_unreadable(batch, unreadable, step)
+        step += 1
+        if num_steps is not None and step >= start_step + num_steps:
+          return
+    except tf.errors.OpError as error:
+      row = (step % epoch_steps) * host_batch
+      bad = {row + first + i for i, (payload, _) in enumerate(
+          epoch_records.skip(row).take(host_batch)) if not _decodes(source, payload)}
+      if not bad - skip.get(epoch, set()):
+        raise ValueError(f"cannot read a batch of {source.name}/{source.split}: "
+                         f"{str(error).splitlines()[0]}") from None
+      skip.setdefault(epoch, set()).update(bad)
+
+
+def _decodes(source, payload):
+  try:
+    source.decode(payload)
+  except (tf.errors.OpError, ValueError):
+    return False
+  return True
+
+
+class TooManyUnreadable(ValueError):
+  """More unreadable training examples than the run allows."""
+
+
+class UnreadableExamples:
+  """The training examples a run could not read (skipped, see above): counted, the first
+  `named` named with their reason (read again on the host), and past `max_fraction` of
+  the split a `TooManyUnreadable` that stops the run. The count is this host's."""
+
+  def __init__(self, source, max_fraction=0.001, log=print, named=5):
+    self.source, self.max_fraction, self.log, self.named = source, max_fraction, log, named
+    self.count, self.names = 0, []
+
+  def add(self, indices, step):
+    self.count += len(indices)
+    for index in indices[:max(0, self.named - len(self.names))]:
+      name = self.source.describe(int(index))
+      reason = self.source.check(int(index)) if self.source.random_access else None
+      if reason:  # TensorFlow's own wrapping around the decoder's words
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", reason)
+      self.names.append(name)
+      self.log(f"step {step}: cannot read {name}{f' ({reason})' if reason else ''}; "
+               "skipped: a copy of another image of its batch takes its place"
+               + ("" if len(self.names) < self.named else " (further ones are counted "
+                  "in data/unreadable, not named)"))
+    limit = self.max_fraction * self.source.num_examples
+    if self.count > limit:
+      raise TooManyUnreadable(
+          f"{self.count} examples of {self.source.name}/{self.source.split} could not "
+          f"be read by step {step}, more than config.data.max_bad_fraction="
+          f"{self.max_fraction} of its {self.source.num_examples} ({limit:.0f}); the "
+          f"first: {', '.join(self.names)}. Check the data (files replaced or damaged "
+          "during the run? a network filesystem?), or raise the field")
+
+
+def _count_unreadable(batch, unreadable, step):
+  """The batch without its bookkeeping; unreadable rows go to `unreadable`."""
+  readable, indices = batch.pop("readable"), batch.pop("index")
+  if not readable.all():
+    unreadable.add(indices[~readable], step)
+  return batch
 
 
 def train_batches(source: sources.Source, *, global_batch_size: int, seed: int,
                   recipe: augment.TrainAugment = augment.TrainAugment(), start_step: int = 0,
                   num_steps: Optional[int] = None, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, shuffle_buffer: int = 16_384,
-                  num_threads: Optional[int] = None,
-                  uint8: bool = False) -> Iterator[Dict[str, np.ndarray]]:
+                  num_threads: Optional[int] = None, uint8: bool = False,
+                  unreadable: Optional[UnreadableExamples] = None,
+                  ) -> Iterator[Dict[str, np.ndarray]]:
   """This host's training batches (numpy dicts) from `start_step` on.
 
   Batch s is a function of (seed, s) only; `start_step=k` yields what an
-  uninterrupted run yields from step k on. Decoding errors surface as a ValueError
-  that names the file. `uint8`: as in `train_dataset`.
+  uninterrupted run yields from step k on. An example that cannot be read is replaced
+  by a copy of another of its batch and goes to `unreadable` (by default an
+  `UnreadableExamples` of `source` that logs to stdout). `uint8`: as in
+  `train_dataset`.
   """
   process_index, process_count = _host(process_index, process_count)
+  unreadable = unreadable or UnreadableExamples(source)
   if not source.random_access:
     yield from _sequential_train_batches(
         source, global_batch_size, seed, recipe, start_step, num_steps, process_index,
-        process_count, shuffle_buffer, num_threads, uint8)
+        process_count, shuffle_buffer, num_threads, uint8, unreadable)
     return
-  ds = train_dataset(source, global_batch_size=global_batch_size, seed=seed, recipe=recipe,
-                     start_step=start_step, num_steps=num_steps, process_index=process_index,
-                     process_count=process_count, num_threads=num_threads, uint8=uint8)
-  step = start_step
-  iterator = ds.as_numpy_iterator()
-  while True:
+  step, end, skip = start_step, None if num_steps is None else start_step + num_steps, set()
+  while end is None or step < end:
+    ds = train_dataset(source, global_batch_size=global_batch_size, seed=seed,
+                       recipe=recipe, start_step=step,
+                       num_steps=None if end is None else end - step,
+                       process_index=process_index, process_count=process_count,
+                       num_threads=num_threads, uint8=uint8, skip=skip)
     try:
-      batch = next(iterator)
-    except StopIteration:
+      for batch in ds.as_numpy_iterator():
+        yield _count_unreadable(batch, unreadable, step)
+        step += 1
       return
-    except tf.errors.OpError as error:
-      raise _decode_error(source, error, train_indices(
-          source, global_batch_size, seed, step, process_index, process_count)) from None
-    yield batch
-    step += 1
+    except tf.errors.OpError as error:  # a file failed: skip it and rebuild from here
+      indices = train_indices(source, global_batch_size, seed, step, process_index,
+                              process_count)
+      bad = {int(i) for i in indices if source.check(int(i))} - skip
+      if not bad:
+        raise _decode_error(source, error, indices) from None
+      skip |= bad
 
 
 def train_indices(source, global_batch_size, seed, step, process_index=0, process_count=1):
@@ -256,14 +393,25 @@ def eval_preprocess(image, size=224, crop_pct: Optional[float] = 0.9,
 def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 224,
                  crop_pct: Optional[float] = 0.9, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
-                 num_threads: Optional[int] = None, normalize: bool = True) -> tf.data.Dataset:
-  """The `tf.data.Dataset` behind `eval_batches` (one pass)."""
+                 num_threads: Optional[int] = None, normalize: bool = True,
+                 start_batch: int = 0, skip: Sequence[int] = ()) -> tf.data.Dataset:
+  """The `tf.data.Dataset` behind `eval_batches` (one pass, from `start_batch` on;
+  rows whose position in the split is in `skip` are not read: masked, unreadable)."""
   process_index, process_count = _host(process_index, process_count)
   host_batch = _host_batch(global_batch_size, process_count)
+  skipped = _skip_tensor(skip)
 
-  def preprocess(payload, label, valid):
-    image = eval_preprocess(source.decode(payload), size, crop_pct, normalize=normalize)
-    return {"image": image, "label": label, "mask": valid}
+  def preprocess(position, payload, label, valid):
+    def decoded():
+      image = eval_preprocess(source.decode(payload), size, crop_pct, normalize=normalize)
+      return {"image": image, "label": label, "mask": valid}
+
+    def placeholder():
+      return {"image": tf.zeros([size, size, 3], tf.float32 if normalize else tf.uint8),
+              "label": label, "mask": False}
+    element = _unless_skipped(position, skipped, decoded, placeholder)
+    return {"image": element["image"], "label": element["label"],
+            "mask": element["mask"], "unreadable": ~element["readable"] & valid}
 
   if source.random_access:
     n = source.num_examples
@@ -273,22 +421,33 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
       step, row = counter // host_batch, counter % host_batch
       position = step * global_batch_size + process_index * host_batch + row
       payload, label = source.lookup(tf.minimum(position, n - 1))
-      return preprocess(payload, label, position < n)
+      return preprocess(position, payload, label, position < n)
 
-    ds = tf.data.Dataset.range(steps * host_batch).map(
+    ds = tf.data.Dataset.range(start_batch * host_batch, steps * host_batch).map(
         locate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    counts = [source.builder.info.splits[source.host_split(p, process_count, False)]
-              .num_examples for p in range(process_count)]
-    steps = -(-max(counts) // host_batch)
-    records = source.records(source.host_split(process_index, process_count, False))
-    records = records.map(lambda data, label: (data, label, True))
-    # Pad with copies of the first record, masked out.
-    padding = records.take(1).map(lambda d, l, v: (d, l, False)).repeat()
-    ds = records.concatenate(padding).take(steps * host_batch).map(
-        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    steps = _sequential_eval_steps(source, host_batch, process_count)
+    ds = _sequential_eval_records(source, host_batch, steps, process_index,
+                                  process_count).skip(start_batch * host_batch).map(
+        lambda position, record: preprocess(position, *record),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(2)
   return ds.with_options(_options(num_threads))
+
+
+def _sequential_eval_steps(source, host_batch, process_count):
+  counts = [source.builder.info.splits[source.host_split(p, process_count, False)]
+            .num_examples for p in range(process_count)]
+  return -(-max(counts) // host_batch)
+
+
+def _sequential_eval_records(source, host_batch, steps, process_index, process_count):
+  """(position, (data, label, valid)) of this host's part, padded with masked copies of
+  its first record to `steps` batches."""
+  records = source.records(source.host_split(process_index, process_count, False))
+  records = records.map(lambda data, label: (data, label, True))
+  padding = records.take(1).map(lambda d, l, v: (d, l, False)).repeat()
+  return records.concatenate(padding).take(steps * host_batch).enumerate()
 
 
 def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 224,
@@ -297,14 +456,45 @@ def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 
                  num_threads: Optional[int] = None, normalize: bool = True) -> Iterator[Dict[str, np.ndarray]]:
   """Every example exactly once, in order, as this host's rows of padded batches.
 
-  Elements are {"image", "label", "mask"}; `mask` is False on the padding that fills
-  the last global batch (and, for sequential TFDS sources, the shorter hosts), so a
-  metric is `sum(correct * mask) / sum(mask)` over the whole loop. All hosts yield
+  Elements are {"image", "label", "mask", "unreadable"}; `mask` is False on the
+  padding that fills the last global batch (and, for sequential TFDS sources, the
+  shorter hosts) and on images that cannot be read (`unreadable` True: count them), so
+  a metric is `sum(correct * mask) / sum(mask)` over the whole loop. All hosts yield
   the same number of batches. `crop_pct=None` skips the resize (native size);
   `normalize=False` yields the uint8 crops.
   """
-  ds = eval_dataset(source, global_batch_size=global_batch_size, size=size,
-                    crop_pct=crop_pct, process_index=process_index,
-                    process_count=process_count, num_threads=num_threads,
-                    normalize=normalize)
-  yield from ds.as_numpy_iterator()
+  process_index, process_count = _host(process_index, process_count)
+  host_batch = _host_batch(global_batch_size, process_count)
+  batch_index, skip = 0, set()
+  while True:
+    ds = eval_dataset(source, global_batch_size=global_batch_size, size=size,
+                      crop_pct=crop_pct, process_index=process_index,
+                      process_count=process_count, num_threads=num_threads,
+                      normalize=normalize, start_batch=batch_index, skip=skip)
+    try:
+      for batch in ds.as_numpy_iterator():
+        yield batch
+        batch_index += 1
+      return
+    except tf.errors.OpError as error:  # an image failed: skip it and rebuild from here
+      bad = _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
+                                process_index, process_count) - skip
+      if not bad:
+        raise ValueError(f"cannot read a batch of {source.name}/{source.split}: "
+                         f"{str(error).splitlines()[0]}") from None
+      skip |= bad
+
+
+def _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
+                        process_index, process_count):
+  """Positions in batch `batch_index` of this host whose example does not decode."""
+  if source.random_access:
+    first = batch_index * global_batch_size + process_index * host_batch
+    return {p for p in range(first, min(first + host_batch, source.num_examples))
+            if source.check(p)}
+  steps = _sequential_eval_steps(source, host_batch, process_count)
+  records = _sequential_eval_records(source, host_batch, steps, process_index,
+                                     process_count)
+  return {int(position) for position, (data, _, _) in
+          records.skip(batch_index * host_batch).take(host_batch)
+          if not _decodes(source, data)}

@@ -189,7 +189,7 @@ def quiet_abandoned_reads():
 HARMLESS = frozenset({
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "keep_checkpoints", "profile_steps", "compilation_cache_dir", "data.data_dir",
-    "data.num_threads"})
+    "data.num_threads", "data.max_bad_fraction"})
 
 
 def flatten(tree):

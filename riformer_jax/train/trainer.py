@@ -153,16 +153,23 @@ def eval_functions(config, student, deploy):
 
 
 def evaluate(eval_fns, state, eval_source, config, mesh):
-  """Top-1/top-5 (%) of every function in `eval_fns` over the whole eval split."""
+  """Top-1/top-5 (%) of every function in `eval_fns` over the whole eval split, and
+  `eval/unreadable` where images of it could not be read (left out of the top-1)."""
   totals = {name: np.zeros(3) for name in eval_fns}
+  unreadable = 0
   batches = pipeline.eval_batches(
       eval_source, global_batch_size=config.batch_size, size=config.resolution,
       crop_pct=config.data.crop_pct or None, num_threads=config.data.num_threads or None)
-  for batch in parallel.global_batches(batches, mesh):
+  for host_batch in batches:
+    unreadable += int(host_batch.pop("unreadable").sum())
+    batch = parallel.to_global(host_batch, mesh)
     for name, fn in eval_fns.items():
       totals[name] += np.asarray(jax.device_get(fn(state, batch)), np.float64)
-  return {f"{name}/{k}": 100 * totals[name][i] / totals[name][2]
-          for name in eval_fns for i, k in enumerate(("top1", "top5"))}
+  results = {f"{name}/{k}": 100 * totals[name][i] / totals[name][2]
+             for name in eval_fns for i, k in enumerate(("top1", "top5"))}
+  if unreadable:  # left out of the accuracies (masked); this host's count
+    results["eval/unreadable"] = unreadable
+  return results
 
 
 def evaluate_teachers(teachers, eval_source, config, mesh, reporter):
@@ -317,8 +324,9 @@ def jit_train_step(config, mesh, distiller, watch, placed):
       out_shardings=(placed.state_shardings, replicated, None))
 
 
-def train_batches(config, train_source, mesh, start, total_steps):
-  """Global batches from step `start` on, exactly those an uninterrupted run sees."""
+def train_batches(config, train_source, mesh, start, total_steps, unreadable):
+  """Global batches from step `start` on, exactly those an uninterrupted run sees;
+  examples that cannot be read go to `unreadable` (`pipeline.UnreadableExamples`)."""
   recipe = augment.TrainAugment(
       size=config.resolution, scale=tuple(config.aug.scale), ratio=tuple(config.aug.ratio),
       hflip=config.aug.hflip, auto_augment=config.aug.auto_augment or None,
@@ -327,7 +335,8 @@ def train_batches(config, train_source, mesh, start, total_steps):
   return parallel.global_batches(pipeline.train_batches(
       train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
       start_step=start, num_steps=total_steps - start,
-      num_threads=config.data.num_threads or None, uint8=config.data.uint8_batches), mesh)
+      num_threads=config.data.num_threads or None, uint8=config.data.uint8_batches,
+      unreadable=unreadable), mesh)
 
 
 def train_and_evaluate(config, workdir, accept_changes=False):
@@ -394,7 +403,9 @@ def _train_and_evaluate(config, workdir, accept_changes):
   if start == 0:
     evaluate_teachers(placed.teachers, eval_source, config, mesh, reporter)
 
-  batches = train_batches(config, train_source, mesh, start, total_steps)
+  unreadable = pipeline.UnreadableExamples(train_source, config.data.max_bad_fraction,
+                                           log=reporter.message)
+  batches = train_batches(config, train_source, mesh, start, total_steps, unreadable)
   rng = jax.random.key(config.seed)
   eval_every = config.eval_every_epochs * steps_per_epoch
   profiler = reporting.Profiler(workdir, config.profile_steps)
@@ -405,7 +416,10 @@ def _train_and_evaluate(config, workdir, accept_changes):
       contextlib.closing(checkpoints), \
       faults.naming_out_of_memory(config, "compiling or running the train step"):
     for step in range(start, total_steps):
-      batch = next(batches)
+      try:
+        batch = next(batches)
+      except pipeline.TooManyUnreadable as e:
+        raise faults.RunError(f"config.data: {e}") from e
       weights = loss_weights(config, step / steps_per_epoch)
       args = (batch["image"], batch["label"], weights, rng, placed.teachers["logit"],
               placed.step_feature_teacher, batch.get("erase"))
@@ -425,6 +439,8 @@ def _train_and_evaluate(config, workdir, accept_changes):
       if done % config.log_every_steps == 0 or done == total_steps:
         metrics, host_health = jax.device_get((metrics, health))
         watch.check(host_health, checkpoints.last_saved)
+        if unreadable.count:  # this host's count since the run (re)started
+          metrics = dict(metrics, **{"data/unreadable": unreadable.count})
         reporter.train(done, metrics)
       stop = preemption.reached(done)
       if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
