@@ -70,3 +70,17 @@ def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
   assert {r["model"] for r in rows if r["runtime"] == "openvino"} >= {
       "PoolFormer-S9", "PoolFormer-XS12"}
   assert "best int8" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_table8_rows_alone(tmp_path, capsys):
+  path = tmp_path / "edge.json"
+  bench_edge.main(["--table8", "--resolution", "64", "--threads", "1", "--rounds", "1",
+                   "--calls", "1,1", "--large_batch", "2", "--workdir",
+                   str(tmp_path / "work"), "--json", str(path)])
+  rows = json.loads(path.read_text())["rows"]
+  assert {(r["model"], r["runtime"]) for r in rows} == {
+      (model, runtime) for model in ("RIFormer (deploy)", "PoolFormer", "PoolFormer-S9",
+                                     "PoolFormer-XS12")
+      for runtime in ("onnxruntime", "openvino")}
+  assert "Table 8 in" in capsys.readouterr().out

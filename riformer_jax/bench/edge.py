@@ -151,8 +151,11 @@ SLIMMED = {"PoolFormer-S9": "poolformer_s9", "PoolFormer-XS12": "poolformer_xs12
 _SLIMMED_RUNTIMES = (("onnxruntime", "float32"), ("openvino", "float32"))
 
 
-def _export_all(workdir, size, resolution, batches, calibration_images, log):
-  """Exports the models at each batch; returns `{(model, batch): prefix}`."""
+def _export_all(workdir, size, resolution, batches, calibration_images, log,
+                table8=False):
+  """Exports the models at each batch; returns `{(model, batch): prefix}`. `table8`:
+  only RIFormer's deploy form, PoolFormer and the slimmed PoolFormers, each as the
+  slimmed ones are (ONNX and OpenVINO, float32)."""
   import jax  # noqa: PLC0415
 
   from riformer_jax.models import registry  # noqa: PLC0415
@@ -174,13 +177,16 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
         os.path.join(workdir, name), name, kwargs, params, overwrite=True,
         preprocessing=store.preprocessing_record(resolution))
   prefixes = {}
-  exports = [("RIFormer (deploy)", False), ("RIFormer (fused)", True),
-             ("IdentityFormer", False), ("PoolFormer", False)]
+  exports = [("RIFormer (deploy)", False), ("PoolFormer", False)] if table8 else [
+      ("RIFormer (deploy)", False), ("RIFormer (fused)", True), ("IdentityFormer", False),
+      ("PoolFormer", False)]
   for label, fused in exports + [(label, False) for label in SLIMMED if label in sources]:
     source = sources["RIFormer (deploy)" if fused else label]
-    slim = label in SLIMMED
+    slim = label in SLIMMED or table8
     for batch in batches:
-      prefix = os.path.join(workdir, f"{label.split()[0].lower()}{'_fused' * fused}_b{batch}")
+      prefix = os.path.join(workdir, f"{label.split()[0].lower()}{'_fused' * fused}"
+                                     f"{'_table8' * (table8 and label not in SLIMMED)}"
+                                     f"_b{batch}")
       prefixes[(label, batch)] = prefix
       if os.path.exists(prefix + ".json"):  # exported by an earlier run (--workdir)
         continue
@@ -200,8 +206,10 @@ def _export_all(workdir, size, resolution, batches, calibration_images, log):
   return prefixes
 
 
-def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, log):
-  """`[(spec dict, runtime, threads, load message)]`: everything to time at `batch`."""
+def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, log,
+          table8=False):
+  """`[(spec dict, runtime, threads, load message)]`: everything to time at `batch`
+  (`table8`: ONNX Runtime and OpenVINO float32 rows of the exported models only)."""
   rows = []
   for (label, prefix_batch), prefix in prefixes.items():
     if prefix_batch != batch:
@@ -209,7 +217,7 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
     shape = (batch, resolution, resolution, 3)
     # "bfloat16 hint": the float32 file compiled as OpenVINO does by default on CPUs
     # with bfloat16 units (runtimes.load says why float32 rows set the f32 hint).
-    for runtime, precision in _SLIMMED_RUNTIMES if label in SLIMMED else (
+    for runtime, precision in _SLIMMED_RUNTIMES if label in SLIMMED or table8 else (
         ("xla", "float32"), ("onnxruntime", "float32"), ("onnxruntime", "int8"),
         ("openvino", "float32"), ("openvino", "bfloat16 hint"), ("openvino", "int8"),
         ("litert", "float32")):
@@ -219,8 +227,8 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
         rows.append((dict(model=label, runtime=runtime, precision=precision, batch=batch,
                           threads=threads, source="riformer_jax"),
                      runtime, threads, {"path": path, "shape": shape, "precision": hint}))
-  originals = (("RIFormer (deploy)", "riformer", "MMPreTrain"),
-               ("PoolFormer", "poolformer", "timm"))
+  originals = () if table8 else (("RIFormer (deploy)", "riformer", "MMPreTrain"),
+                                 ("PoolFormer", "poolformer", "timm"))
   for label, family, library in originals:
     spec = dict(family=family, size=size, resolution=resolution, batch=batch)
     path = os.path.join(workdir, f"torch_{family}_b{batch}.onnx")
@@ -241,14 +249,18 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
 
 
 def measure(size="s12", resolution=224, batches=(1, 16), thread_counts=(1, 2), rounds=5,
-            calls=(4, 1), calibration_images=32, workdir=None, log=print):
-  """Exports, loads and times every row; returns the rows with their statistics."""
+            calls=(4, 1), calibration_images=32, workdir=None, log=print, table8=False):
+  """Exports, loads and times every row (`table8`: Table 8's rows only, see
+  `_export_all`); returns the rows with their statistics."""
   cores = sorted(os.sched_getaffinity(0))
   if max(thread_counts) > len(cores):
     raise ValueError(f"--threads {max(thread_counts)}: this process has {len(cores)} "
                      "cores")
   workdir = workdir or tempfile.mkdtemp(prefix="bench_edge-")
-  prefixes = _export_all(workdir, size, resolution, batches, calibration_images, log)
+  if table8 and size != "s12":
+    raise ValueError(f"--table8 compares S12 with its slimmed PoolFormers, not {size}")
+  prefixes = _export_all(workdir, size, resolution, batches, calibration_images, log,
+                         table8)
   # One phase per batch size and thread count, its processes stopped before the next:
   # every row at once (compiled PyTorch, OpenVINO's plans for batch 16) overran 24 GiB,
   # and every comparison the report makes is within one phase.
@@ -258,7 +270,8 @@ def measure(size="s12", resolution=224, batches=(1, 16), thread_counts=(1, 2), r
       name = f"batch {batch}, {threads} thread(s)"
       workers = Workers(cores)
       try:
-        phase = _rows(prefixes, size, resolution, batch, (threads,), workdir, workers, log)
+        phase = _rows(prefixes, size, resolution, batch, (threads,), workdir, workers, log,
+                      table8)
         for index, (spec, runtime, _, load) in enumerate(phase):
           spec["first_call_s"] = workers.ask(runtime, threads, "load", index, load)
         log(f"{name}: loaded {len(phase)} rows; timing {rounds} rounds")
@@ -340,19 +353,19 @@ def targets(results, batch=1):
                 and r["precision"] == "float32")
     int8 = best(lambda r: r in ours and r["model"].startswith("RIFormer")
                 and r["precision"] == "int8")
-    if not (torch_best and fp32 and int8):
-      continue
-    pool = best(lambda r: r in ours and r["model"] == "PoolFormer"
-                and r["runtime"] == fp32["runtime"] and r["precision"] == "float32")
-    lines.append(
-        f"{threads} thread(s): fastest PyTorch RIFormer {torch_best['p50_ms']:.1f} ms "
-        f"({torch_best['runtime']}); best float32 artifact {fp32['model']} in "
-        f"{fp32['runtime']} {fp32['p50_ms']:.1f} ms = "
-        f"{torch_best['p50_ms'] / fp32['p50_ms']:.2f}x (target 1.5x); best int8 "
-        f"{int8['model']} in {int8['runtime']} {int8['p50_ms']:.1f} ms = "
-        f"{torch_best['p50_ms'] / int8['p50_ms']:.2f}x (target 2.5x); PoolFormer in "
-        f"{fp32['runtime']} {pool['p50_ms']:.1f} ms, RIFormer "
-        f"{pool['p50_ms'] / fp32['p50_ms']:.2f}x faster (goal 1.15x)")
+    pool = fp32 and best(lambda r: r in ours and r["model"] == "PoolFormer"
+                         and r["runtime"] == fp32["runtime"]
+                         and r["precision"] == "float32")
+    if torch_best and fp32 and int8 and pool:
+      lines.append(
+          f"{threads} thread(s): fastest PyTorch RIFormer {torch_best['p50_ms']:.1f} ms "
+          f"({torch_best['runtime']}); best float32 artifact {fp32['model']} in "
+          f"{fp32['runtime']} {fp32['p50_ms']:.1f} ms = "
+          f"{torch_best['p50_ms'] / fp32['p50_ms']:.2f}x (target 1.5x); best int8 "
+          f"{int8['model']} in {int8['runtime']} {int8['p50_ms']:.1f} ms = "
+          f"{torch_best['p50_ms'] / int8['p50_ms']:.2f}x (target 2.5x); PoolFormer in "
+          f"{fp32['runtime']} {pool['p50_ms']:.1f} ms, RIFormer "
+          f"{pool['p50_ms'] / fp32['p50_ms']:.2f}x faster (goal 1.15x)")
     # Table 8 in the runtime (of those the slimmed PoolFormers run in) where the deploy
     # RIFormer is fastest: the paper's throughputs have S9 2.6% faster, XS12 2.4% slower.
     deploy = best(lambda r: r in ours and r["model"] == "RIFormer (deploy)"
@@ -379,6 +392,9 @@ def main(argv=None):
   parser.add_argument("--workdir", default=None, help="where the artifacts go (a temp "
                       "directory by default); those already there are reused")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--table8", action="store_true",
+                      help="only Table 8: RIFormer-S12 (deploy), PoolFormer-S12, -S9 "
+                           "and -XS12 in ONNX Runtime and OpenVINO, float32")
   args = parser.parse_args(argv)
   threads = tuple(int(t) for t in args.threads.split(","))
   batches = (1, args.large_batch)
@@ -386,7 +402,7 @@ def main(argv=None):
   start = time.perf_counter()
   results = measure(args.size, args.resolution, batches, threads, args.rounds, calls,
                     args.calibration_images, args.workdir,
-                    log=lambda m: print(m, flush=True))
+                    log=lambda m: print(m, flush=True), table8=args.table8)
   print(f"\n{_cpu_name()}, {len(os.sched_getaffinity(0))} cores; {args.size} at "
         f"{args.resolution} px; {args.rounds} rounds, interleaved; "
         f"{time.perf_counter() - start:.0f} s in all")
