@@ -28,7 +28,7 @@ import riformer_jax
 from configs import demo as demo_configs
 from riformer_jax.data import pipeline, sources, synthetic
 from riformer_jax.train import faults, runs
-from riformer_jax.weights import pretrained
+from riformer_jax.weights import pretrained, store
 
 TITLES = {
     "teacher": "PoolFormer teacher, cross-entropy",
@@ -142,6 +142,11 @@ def main(argv=None):
   logging.set_verbosity(logging.WARNING)
   workdir = args.workdir
   start = time.time()
+  if args.teacher:  # before any run: a wrong path is named at once, not after one
+    try:
+      store.read_manifest(args.teacher)
+    except (OSError, ValueError) as e:
+      sys.exit(f"demo.py: --teacher: {e}")
   teacher_dir = args.teacher or os.path.join(workdir, "teacher", "student")
   roles = demo_configs.ROLES[1:] if args.teacher else demo_configs.ROLES
   try:

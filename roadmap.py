@@ -244,6 +244,8 @@ def main(argv=None):
     sys.exit(str(e))
   except KeyboardInterrupt:
     faults.exit_interrupted("roadmap.py", args.workdir)
+  except (OSError, ValueError) as e:  # --teacher is not a model directory
+    sys.exit(f"roadmap.py: {e}")
 
 
 def run_rows(args, argv):

@@ -38,18 +38,24 @@ FLAGS = flags.FLAGS
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with every error in a config override on one line."""
+  """absl's flag parsing, with every error in the config file or an override on one
+  line (ml_collections' own messages carry the config file's traceback as text)."""
   try:
     rest = FLAGS(argv)
-    FLAGS.config  # noqa: B018 (a config file that failed to load raises on first use)
+    flag = FLAGS["config"]
+    defaults = flag.parser.parse(flag.config_filename)
+    defaults.to_dict()  # a config file that failed to load raises on first use
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown config field
     sys.exit(f"train.py: {faults.unknown_field_message(e, argv)}")
-  except (flags.Error, OSError) as e:
-    sys.exit(f"train.py: {e}")
-  flag = FLAGS["config"]
+  except (flags.Error, OSError, SyntaxError, ValueError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not isinstance(e, flags.Error) or "Traceback (most recent call last):" in lines:
+      config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+      cause = lines[-1] if ":" in lines[-1] else f"{type(e).__name__}: {lines[-1]}"
+      lines = [f"--config={config}: cannot load it ({cause})"]
+    sys.exit(f"train.py: {' '.join(lines)}")
   try:
-    faults.check_override_types(flag.parser.parse(flag.config_filename),
-                                config_flags.get_override_values(flag))
+    faults.check_override_types(defaults, config_flags.get_override_values(flag))
   except faults.RunError as e:
     sys.exit(f"train.py: {e}")
   return rest

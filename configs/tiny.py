@@ -13,6 +13,9 @@ from configs import common, demo
 
 
 def get_config(arg=None):
+  if arg not in (None, "with_teacher"):
+    raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; expected none or "
+                     "'with_teacher'")
   config = demo.embedded_recipe(common.riformer_config("s12"), epochs=2)
   config.model.depths = (1, 1, 2, 1)
   config.lr = 4e-3

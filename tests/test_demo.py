@@ -72,3 +72,11 @@ def test_report_on_finished_runs(tmp_path, capsys):
   with Image.open(tmp_path / "curves.png") as image:
     assert image.size == (1500, 400)
     assert np.asarray(image.convert("L")).std() > 10  # something was drawn
+
+
+def test_a_teacher_that_is_not_a_model_is_named_before_any_run(tmp_path):
+  with pytest.raises(SystemExit) as exit_:
+    demo.main(["--workdir", str(tmp_path / "demo"), "--teacher", str(tmp_path / "none")])
+  assert str(exit_.value).startswith(f"demo.py: --teacher: {tmp_path / 'none'}: not a "
+                                     "converted model")
+  assert not (tmp_path / "demo").exists()

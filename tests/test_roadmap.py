@@ -83,6 +83,14 @@ def test_roadmap_rejects_unknown_rows(tmp_path, capsys):
   assert not any(tmp_path.iterdir())  # rejected before anything ran
 
 
+def test_a_teacher_that_is_not_a_model_is_one_line(tmp_path):
+  import roadmap  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as exit_:
+    roadmap.main([f"--workdir={tmp_path}", "--rows=pool_ce",
+                  f"--teacher={tmp_path / 'none'}"])
+  assert str(exit_.value).startswith(f"roadmap.py: {tmp_path / 'none'}: not a converted")
+
+
 def test_presets_expand_to_the_tables_rows():
   import roadmap  # pylint: disable=import-outside-toplevel
   assert roadmap.parse_args(["--rows=table9"]).rows == [

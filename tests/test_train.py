@@ -372,9 +372,16 @@ def test_bad_configuration_is_named(tmp_path):
   # The command line's own messages: three processes side by side.
   processes = [start(tmp_path, override) for override in (
       "--config.batch_sise=8", "--config.model.dims=(8, 16, x, 32)", "--config.lr=fast")]
+  processes += [start(tmp_path, config=config) for config in (
+      "configs/nonexistent.py", "configs/tiny.py:no_such_role")]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
-  (code, output), (dims_code, dims), (lr_code, lr) = [
+  (code, output), (dims_code, dims), (lr_code, lr), (file_code, file), (arg_code, arg) = [
       (p.returncode, out) for p, out in zip(processes, outputs)]
+  assert file_code != 0 and "Traceback" not in file
+  assert ("train.py: --config=configs/nonexistent.py: cannot load it ([Errno 2] No such "
+          "file or directory") in file
+  assert arg_code != 0 and "Traceback" not in arg
+  assert "configs/tiny.py: unknown argument 'no_such_role'" in arg, arg
   assert code != 0 and "Traceback" not in output
   assert "--config.batch_sise: no such config field; did you mean --config.batch_size?" \
       in output
