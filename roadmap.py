@@ -281,10 +281,11 @@ def run_rows(args, argv):
   results = {}
   for row in args.rows:
     # The roadmap's rows keep the PoolFormer in both roles (it is also their students'
-    # shape); Table 9's rows without a teacher have no feature teacher at all.
+    # shape); Tables 8 and 9's rows without a feature teacher have none at all (their
+    # students' shapes differ from the PoolFormer's).
     name = roadmap_configs.feature_teacher(row)
-    feature = teachers[name][0] if name else (
-        "" if row in roadmap_configs.TABLE9 else teacher)
+    own_shape = row in roadmap_configs.TABLE9 or row in roadmap_configs.TABLE8
+    feature = teachers[name][0] if name else ("" if own_shape else teacher)
     for seed in args.seeds:
       config = roadmap_small.get_config(row)
       overrides = with_data(config, args, args.epochs, args.set)
