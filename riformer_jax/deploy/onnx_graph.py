@@ -156,15 +156,25 @@ def _head(g, x, params, variant):
     x = g.op("ReduceMean", [_group_norm(g, x, params["norm"], "head.norm")],
              axes=[2, 3], keepdims=0)
   else:  # timm: pool, then LayerNorm over C (eps 1e-6)
-    x = g.op("LayerNormalization",
-             [g.op("ReduceMean", [x], axes=[2, 3], keepdims=0),
-              g.const(params["norm"]["scale"], "head.norm.scale"),
-              g.const(params["norm"]["bias"], "head.norm.bias")],
-             "head.norm", axis=-1, epsilon=1e-6)
+    x = _pool_and_layer_norm(g, x, params["norm"])
   if "fc" not in params:
     return x
-  return g.op("Gemm", [x, g.const(params["fc"]["kernel"], "head.fc.weight"),
-                       g.const(params["fc"]["bias"], "head.fc.bias")], "head.fc")
+  return _linear(g, x, params["fc"], "head.fc")
+
+
+def _pool_and_layer_norm(g, x, params):
+  """Global average pool, then LayerNorm over C (eps 1e-6): timm's head and the
+  baselines'."""
+  return g.op("LayerNormalization",
+              [g.op("ReduceMean", [x], axes=[2, 3], keepdims=0),
+               g.const(params["scale"], "head.norm.scale"),
+               g.const(params["bias"], "head.norm.bias")],
+              "head.norm", axis=-1, epsilon=1e-6)
+
+
+def _linear(g, x, dense, hint):
+  return g.op("Gemm", [x, g.const(dense["kernel"], hint + ".weight"),
+                       g.const(dense["bias"], hint + ".bias")], hint)
 
 
 def metaformer_model(params, *, token_mixer, head, resolution, batch=None,
@@ -298,27 +308,19 @@ def _mixer(g, normed, params, token_mixer, hint):
 
 def _baseline_head(g, x, params):
   """Pool, LayerNorm over C, then a linear classifier or the MLP head."""
-  x = g.op("LayerNormalization",
-           [g.op("ReduceMean", [x], axes=[2, 3], keepdims=0),
-            g.const(params["norm"]["scale"], "head.norm.scale"),
-            g.const(params["norm"]["bias"], "head.norm.bias")],
-           "head.norm", axis=-1, epsilon=1e-6)
+  x = _pool_and_layer_norm(g, x, params["norm"])
   if "fc" not in params:
     return x
-
-  def linear(y, dense, hint):
-    return g.op("Gemm", [y, g.const(dense["kernel"], hint + ".weight"),
-                         g.const(dense["bias"], hint + ".bias")], hint)
   fc = params["fc"]
   if "kernel" in fc:
-    return linear(x, fc, "head.fc")
-  hidden = g.op("Relu", [linear(x, fc["fc1"], "head.fc.fc1")])
+    return _linear(g, x, fc, "head.fc")
+  hidden = g.op("Relu", [_linear(g, x, fc["fc1"], "head.fc.fc1")])
   hidden = g.op("LayerNormalization",
                 [g.op("Mul", [hidden, hidden]),
                  g.const(fc["norm"]["scale"], "head.fc.norm.scale"),
                  g.const(fc["norm"]["bias"], "head.fc.norm.bias")],
                 "head.fc.norm", axis=-1, epsilon=1e-6)
-  return linear(hidden, fc["fc2"], "head.fc.fc2")
+  return _linear(g, hidden, fc["fc2"], "head.fc.fc2")
 
 
 def _model(body, head_params, *, resolution, batch, layout, dtype, preprocess):
