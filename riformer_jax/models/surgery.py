@@ -20,11 +20,11 @@ def _is_affine_block(node):
 def _fuse_affine(block):
   """Paper Eq. 4: `gamma' = gamma * (s - 1)`, `beta' = beta * (s - 1) + t`. The
   MetaFormer-baselines norm has no bias (beta = 0): its fused norm gains one, t."""
-  gamma = block["norm1"]["scale"]
-  beta = block["norm1"].get("bias", jnp.zeros_like(gamma))
-  s, t = block["token_mixer"]["scale"], block["token_mixer"]["bias"]
+  norm, mixer = block["norm1"], block["token_mixer"]
+  s, t = mixer["scale"], mixer["bias"]
+  bias = norm["bias"] * (s - 1) + t if "bias" in norm else t
   fused = {k: v for k, v in block.items() if k not in ("norm1", "token_mixer")}
-  fused["norm_reparam"] = {"scale": gamma * (s - 1), "bias": beta * (s - 1) + t}
+  fused["norm_reparam"] = {"scale": norm["scale"] * (s - 1), "bias": bias}
   return fused
 
 
