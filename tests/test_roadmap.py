@@ -35,7 +35,9 @@ def roadmap(workdir, data_dir, *extra):
   return subprocess.run(
       [sys.executable, "roadmap.py", f"--workdir={workdir}", "--dataset=folder",
        f"--data_dir={data_dir}", "--eval_split=val", "--num_classes=2",
-       "--resolution=32", "--epochs=2", f"--rows={ROWS}", "--seeds=0,1", *extra],
+       "--resolution=32", "--epochs=2", f"--rows={ROWS}", "--seeds=0,1",
+       # 4 steps a run: logging each puts steps inside the module-imitation windows.
+       "--set", "log_every_steps=1", *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
