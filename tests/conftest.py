@@ -76,3 +76,16 @@ LONGEST_FILES = ("test_train.py", "test_distill.py", "test_export.py", "test_mix
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
+def pytest_configure(config):
+  # yapf (imported by MMPreTrain through mmengine) writes its grammar pickle to the user
+  # cache on first import, without a lock: two pytest-xdist workers importing it at once
+  # in a fresh environment read each other's half-written file (EOFError). The
+  # controller writes it once, before the workers start.
+  if hasattr(config, "workerinput"):
+    return
+  try:
+    import yapf  # noqa: F401
+  except ImportError:
+    pass
