@@ -290,6 +290,84 @@ def test_tfds_source_by_name(toy_tfds):
   assert sorted(valid) == sorted(i % 3 for i in range(7))
 
 
+BROKEN_JPEG = b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9"
+
+
+class RiformerToyBroken(tfds.core.GeneratorBasedBuilder):
+  """16 training and 8 test images, example 5 of each an undecodable JPEG (a record
+  damaged before or after the split was prepared looks the same to the reader)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return RiformerToyImages._info(self)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(16, 0), "test": self._generate_examples(8, 1)}
+
+  def _generate_examples(self, count, seed):
+    for i in range(count):
+      image = BROKEN_JPEG if i == 5 else _photo(20, 20, seed * 1000 + i)
+      yield i, {"image": image, "label": i % 3}
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_an_undecodable_tfds_record_is_skipped_named_and_counted(tmp_path, file_format):
+  RiformerToyBroken(data_dir=str(tmp_path), file_format=file_format).download_and_prepare()
+  source = sources.get_source("riformer_toy_broken", "train", data_dir=str(tmp_path))
+  said = []
+  run = dict(global_batch_size=4, seed=3, recipe=FAST, num_steps=8)
+  batches = _take(pipeline.train_batches(
+      source, unreadable=pipeline.UnreadableExamples(source, 0.5, log=said.append), **run))
+  assert len(batches) == 8 and len(said) == 2  # two epochs of 16, one bad record each
+  # Named by its index in the split (ArrayRecord) or its file and place (TFRecord).
+  if source.random_access:
+    (bad,) = [i for i in range(16) if source.check(i)]
+    name = f"riformer_toy_broken/train example {bad}"
+  else:
+    (bad,) = [i.decode() for data, _, i in source.records(source.split, ids=True)
+              .as_numpy_iterator() if source.check_payload(data)]
+    assert bad.startswith("riformer_toy_broken-train.tfrecord-00000-of-00001__")
+    name = f"riformer_toy_broken/train record {bad}"
+  assert all(f"cannot read {name} (jpeg::Uncompress failed" in line for line in said)
+  # Its row is a copy of another of its batch: no batch holds a blank image.
+  assert all((b["image"].reshape(4, -1).max(axis=1) > 0).all() for b in batches)
+  step = int(said[1].split(":")[0].split()[1])
+  resumed = _take(pipeline.train_batches(
+      source, start_step=step, unreadable=pipeline.UnreadableExamples(
+          source, 0.5, log=said.append), **dict(run, num_steps=8 - step)))
+  _assert_same_batches(resumed, batches[step:])
+  # Evaluation counts it and leaves it out.
+  test = sources.get_source("riformer_toy_broken", "test", data_dir=str(tmp_path))
+  (batch,) = _take(pipeline.eval_batches(test, global_batch_size=8, size=16,
+                                         crop_pct=None))
+  assert batch["unreadable"].sum() == 1 and batch["mask"].sum() == 7
+
+
+def test_a_damaged_tfrecord_file_stops_the_run_with_its_name(tmp_path):
+  """Framing damage (a flipped byte in a record's length or checksum) cannot be
+  skipped record by record without shifting the rest of the epoch: a clear stop."""
+  RiformerToyBroken(data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
+  for split in ("train", "test"):
+    (path,) = (tmp_path / "riformer_toy_broken" / "1.0.0").glob(f"*-{split}.tfrecord-*")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+  source = sources.get_source("riformer_toy_broken", "train", data_dir=str(tmp_path))
+  with pytest.raises(pipeline.UnreadableData,
+                     match=r"^cannot read a batch of riformer_toy_broken/train: .*corrupt"
+                           r".* \(a file in .*riformer_toy_broken/1.0.0\); a damaged record file "
+                           r"cannot be skipped: prepare the "
+                           r"split again \(or as ArrayRecord, read by index\)$"):
+    _take(pipeline.train_batches(source, global_batch_size=4, seed=3, recipe=FAST,
+                                 num_steps=8, unreadable=pipeline.UnreadableExamples(
+                                     source, 0.5, log=lambda line: None)))
+  test = sources.get_source("riformer_toy_broken", "test", data_dir=str(tmp_path))
+  with pytest.raises(pipeline.UnreadableData,
+                     match="^cannot read a batch of riformer_toy_broken/test: .*corrupt"):
+    _take(pipeline.eval_batches(test, global_batch_size=8, size=16, crop_pct=None))
+
+
 def test_unknown_or_unprepared_tfds(tmp_path):
   with pytest.raises(ValueError, match="unknown TFDS data set 'no_such_data_set_xyz'"):
     sources.get_source("no_such_data_set_xyz", "train", data_dir=str(tmp_path))

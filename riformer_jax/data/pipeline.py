@@ -17,8 +17,9 @@ host reads its `tfds.even_splits` share with a per-epoch seeded file order and
 shuffle buffer, and a resumed run skips the first records of its epoch without
 decoding them (it still reads them). Convert to ArrayRecord to avoid that.
 
-A file that fails to decode stops the iterator with an error naming the file, not a
-tf.data traceback.
+An example that cannot be read or decoded is skipped, named and counted (see
+"Unreadable examples" below); a batch that fails for any other reason stops the
+iterator with an error naming the data set, not a tf.data traceback.
 """
 
 import math
@@ -230,23 +231,32 @@ def _sequential_train_batches(source, global_batch_size, seed, recipe, start_ste
           return
     except tf.errors.OpError as error:
       row = (step % epoch_steps) * host_batch
-      bad = {row + first + i for i, (payload, _) in enumerate(
-          epoch_records.skip(row).take(host_batch)) if not _decodes(source, payload)}
-      if not bad - skip.get(epoch, set()):
-        raise ValueError(f"cannot read a batch of {source.name}/{source.split}: "
-                         f"{str(error).splitlines()[0]}") from None
+      records = source.records(host_split, shuffle_seed, shuffle_buffer, ids=True)
+      bad = {}
+      try:
+        for i, (payload, _, record_id) in enumerate(records.skip(row).take(host_batch)):
+          reason = source.check_payload(payload)
+          if reason:  # named by the record's file and place, for the log
+            bad[row + first + i] = (f"{source.name}/{source.split} record "
+                                    f"{record_id.numpy().decode()}", reason)
+      except tf.errors.OpError:  # the records themselves: a record cannot be skipped
+        pass                     # without shifting every later one (no exact resume)
+      if not bad.keys() - skip.get(epoch, set()):
+        raise UnreadableData(
+            f"cannot read a batch of {source.name}/{source.split}: "
+            f"{_first_line(error)} (a file in {source.builder.data_dir}); a damaged "
+            "record file cannot be skipped: prepare the split again (or as ArrayRecord, "
+            "read by index)") from None
+      unreadable.described.update(bad)
       skip.setdefault(epoch, set()).update(bad)
 
 
-def _decodes(source, payload):
-  try:
-    source.decode(payload)
-  except (tf.errors.OpError, ValueError):
-    return False
-  return True
+class UnreadableData(ValueError):
+  """A batch that cannot be read for a cause other than its examples' images (a
+  damaged TFRecord file, an unreachable folder), named."""
 
 
-class TooManyUnreadable(ValueError):
+class TooManyUnreadable(UnreadableData):
   """More unreadable training examples than the run allows."""
 
 
@@ -258,12 +268,18 @@ class UnreadableExamples:
   def __init__(self, source, max_fraction=0.001, log=print, named=5):
     self.source, self.max_fraction, self.log, self.named = source, max_fraction, log, named
     self.count, self.names = 0, []
+    # index -> (name, reason), filled by the sequential reader, whose index is a place
+    # in this epoch's order, not an example: the reader names the record it found.
+    self.described = {}
 
   def add(self, indices, step):
     self.count += len(indices)
     for index in indices[:max(0, self.named - len(self.names))]:
-      name = self.source.describe(int(index))
-      reason = self.source.check(int(index)) if self.source.random_access else None
+      if int(index) in self.described:
+        name, reason = self.described[int(index)]
+      else:
+        name = self.source.describe(int(index))
+        reason = self.source.check(int(index)) if self.source.random_access else None
       if reason:  # TensorFlow's own wrapping around the decoder's words
         reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", reason)
       self.names.append(name)
@@ -345,14 +361,14 @@ def train_indices(source, global_batch_size, seed, step, process_index=0, proces
 
 
 def _decode_error(source, error, indices):
-  """A ValueError naming the example(s) of the failed batch that do not decode."""
+  """An `UnreadableData` naming the example(s) of the failed batch that do not decode."""
   bad = []
   for index in indices:
     reason = source.check(int(index))
     if reason:
       bad.append(f"{source.describe(int(index))}: {reason}")
-  detail = "; ".join(bad) if bad else str(error).splitlines()[0]
-  return ValueError(f"cannot read a batch of {source.name}/{source.split}: {detail}")
+  detail = "; ".join(bad) if bad else _first_line(error)
+  return UnreadableData(f"cannot read a batch of {source.name}/{source.split}: {detail}")
 
 
 def eval_preprocess(image, size=224, crop_pct: Optional[float] = 0.9,
@@ -477,12 +493,20 @@ def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 
         batch_index += 1
       return
     except tf.errors.OpError as error:  # an image failed: skip it and rebuild from here
-      bad = _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
-                                process_index, process_count) - skip
+      try:
+        bad = _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
+                                  process_index, process_count) - skip
+      except tf.errors.OpError:  # the records themselves (a damaged TFRecord file)
+        bad = set()
       if not bad:
-        raise ValueError(f"cannot read a batch of {source.name}/{source.split}: "
-                         f"{str(error).splitlines()[0]}") from None
+        raise UnreadableData(f"cannot read a batch of {source.name}/{source.split}: "
+                             f"{_first_line(error)}") from None
       skip |= bad
+
+
+def _first_line(error):
+  """TensorFlow's message without its graph-node and op wrapping."""
+  return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\].*", "", str(error).splitlines()[0]).strip()
 
 
 def _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
@@ -497,4 +521,4 @@ def _bad_eval_positions(source, batch_index, host_batch, global_batch_size,
                                      process_count)
   return {int(position) for position, (data, _, _) in
           records.skip(batch_index * host_batch).take(host_batch)
-          if not _decodes(source, data)}
+          if source.check_payload(data)}

@@ -69,6 +69,13 @@ class Source:
     """A reason why example `index` cannot be decoded, or None (slow; on errors)."""
     try:
       payload, _ = self.lookup(tf.constant(index, tf.int64))
+    except (tf.errors.OpError, ValueError, OSError) as error:
+      return str(error).splitlines()[0]
+    return self.check_payload(payload)
+
+  def check_payload(self, payload) -> Optional[str]:
+    """A reason why an encoded image cannot be decoded, or None (eager; on errors)."""
+    try:
       self.decode(payload)
     except (tf.errors.OpError, ValueError, OSError) as error:
       return str(error).splitlines()[0]
@@ -312,17 +319,24 @@ class TfdsSequentialSource(Source):
     return _tfds().even_splits(self.split, n=process_count,
                                drop_remainder=drop_remainder)[process_index]
 
-  def records(self, host_split, shuffle_seed=None, shuffle_buffer=0):
-    """(encoded image, label) records of `host_split`; file order and buffer seeded."""
+  def records(self, host_split, shuffle_seed=None, shuffle_buffer=0, ids=False):
+    """(encoded image, label) records of `host_split`; file order and buffer seeded.
+    `ids` adds each record's TFDS id (its file and position in it), the same order."""
     tfds = _tfds()
     options = tf.data.Options()
     options.deterministic = True
     config = tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed,
-                             interleave_cycle_length=16, try_autocache=False)
+                             interleave_cycle_length=16, try_autocache=False,
+                             add_tfds_id=ids)
     ds = self.builder.as_dataset(
         split=host_split, shuffle_files=shuffle_seed is not None, read_config=config,
         decoders={self._keys[0]: tfds.decode.SkipDecoding()})
-    ds = ds.map(lambda ex: (ex[self._keys[0]], tf.cast(ex[self._keys[1]], tf.int32)))
+    image, label = self._keys
+
+    def record(example):
+      fields = example[image], tf.cast(example[label], tf.int32)
+      return fields + (example["tfds_id"],) if ids else fields
+    ds = ds.map(record)
     if shuffle_buffer:
       ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     return ds

@@ -136,8 +136,7 @@ class Checkpoints:
         raise
       whole = self.latest.all_steps()
       raise faults.RunError(
-          f"could not write a checkpoint under {self.workdir} ({kind}; "
-          f"{faults.free_space(self.workdir)}). "
+          faults.could_not_write(self.workdir, kind, "a checkpoint ") + ". "
           + (f"The newest whole checkpoint is step {max(whole)}: " if whole else
              "No checkpoint was written yet: ")
           + "make room (or fix the permissions) and run the same command to resume"

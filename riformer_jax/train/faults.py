@@ -69,6 +69,11 @@ def quiet_write_failure_tracebacks():
   absl_logger.addFilter(drop_traceback)
 
 
+def could_not_write(directory, kind, what=""):
+  """The first words of every write-failure stop: where, why and the room left."""
+  return f"could not write {what}under {directory} ({kind}; {free_space(directory)})"
+
+
 def free_space(path):
   """'1.2 GiB free' on the filesystem holding `path` (or its nearest parent)."""
   while path and not os.path.exists(path):

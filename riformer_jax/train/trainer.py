@@ -160,7 +160,7 @@ def evaluate(eval_fns, state, eval_source, config, mesh):
   batches = pipeline.eval_batches(
       eval_source, global_batch_size=config.batch_size, size=config.resolution,
       crop_pct=config.data.crop_pct or None, num_threads=config.data.num_threads or None)
-  for host_batch in batches:
+  for host_batch in _naming_the_eval_split(batches):
     unreadable += int(host_batch.pop("unreadable").sum())
     batch = parallel.to_global(host_batch, mesh)
     for name, fn in eval_fns.items():
@@ -170,6 +170,13 @@ def evaluate(eval_fns, state, eval_source, config, mesh):
   if unreadable:  # left out of the accuracies (masked); this host's count
     results["eval/unreadable"] = unreadable
   return results
+
+
+def _naming_the_eval_split(batches):
+  try:
+    yield from batches
+  except pipeline.UnreadableData as e:
+    raise faults.RunError(f"evaluation: {e}") from e
 
 
 def evaluate_teachers(teachers, eval_source, config, mesh, reporter):
@@ -355,7 +362,7 @@ def train_and_evaluate(config, workdir, accept_changes=False):
       if kind is None:
         raise
       raise faults.RunError(
-          f"could not write under {workdir} ({kind}; {faults.free_space(workdir)}): "
+          f"{faults.could_not_write(workdir, kind)}: "
           f"{str(e).splitlines()[0][:200]}. Checkpoints written before are whole: make "
           "room and run the same command to resume (a finished run writes its final "
           "models again)") from e
@@ -420,6 +427,8 @@ def _train_and_evaluate(config, workdir, accept_changes):
         batch = next(batches)
       except pipeline.TooManyUnreadable as e:
         raise faults.RunError(f"config.data: {e}") from e
+      except pipeline.UnreadableData as e:
+        raise faults.RunError(f"step {step}: {e}") from e
       weights = loss_weights(config, step / steps_per_epoch)
       args = (batch["image"], batch["label"], weights, rng, placed.teachers["logit"],
               placed.step_feature_teacher, batch.get("erase"))
