@@ -72,6 +72,10 @@ def riformer_config(size):
   ))
   config.aug = ml_collections.ConfigDict(dict(
       auto_augment="rand-m9-mstd0.5-inc1",  # or "original" (AutoAugment) or ""
+      # "device": in the jitted train step on the uint8 batch (data.uint8_batches), the
+      # host only decodes, crops, resizes and flips; "host": in tf.data, for hosts
+      # with cores to spare where the accelerator is the bottleneck (docs/data.md).
+      auto_augment_on="device",
       re_prob=0.25,
       hflip=0.5,
       exact_resize=False,  # True: PIL's two resize passes (2x the crop's resize time)

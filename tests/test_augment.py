@@ -3,6 +3,8 @@
 import math
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +14,7 @@ import torch_reference  # noqa: F401  (makes timm importable)
 from timm.data import auto_augment as timm_aa  # noqa: E402
 from timm.data import transforms as timm_transforms  # noqa: E402
 
-from riformer_jax.data import augment, imagenet
+from riformer_jax.data import augment, device_augment, imagenet
 
 
 def _noise_image(seed=0, shape=(37, 53, 3)):
@@ -322,3 +324,154 @@ def test_rand_augment_samples_as_timm_does():
   assert min(ours_m) >= 0 and max(ours_m) == 10.0
   assert 0.01 < np.mean(np.asarray(ours_m) == 10.0) < 0.04
   assert abs(np.std(ours_m) - np.std(theirs_m)) < 0.05
+
+
+# ---------------------------------------------------------------- in the jitted step
+
+
+@pytest.mark.parametrize("name,arg", _OP_CASES)
+def test_device_operations_match_pil(name, arg):
+  """device_augment's JAX operations against PIL, at the host path's tolerances:
+  photometric ones exact (AutoContrast within a level), geometric ones within a level
+  on a tenth of a level on average (bilinear, as on the host)."""
+  op = jax.jit(device_augment.OPS[name][0])
+  for image in (_noise_image(), _gradient_image()):
+    kwargs = dict(fillcolor=augment.FILL, resample=Image.BILINEAR)
+    args = () if name in _NO_ARG else (arg,)
+    expected = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, **kwargs))
+    actual = np.asarray(op(jnp.asarray(image), 0.0 if arg is None else arg))
+    assert actual.dtype == np.uint8 and actual.shape == image.shape
+    diff = np.abs(actual.astype(int) - expected.astype(int))
+    assert diff.max() <= 1, name
+    if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+      assert diff.mean() < 0.1, name
+    elif name != "AutoContrast":
+      assert diff.max() == 0, name
+
+
+def test_device_posterize_to_zero_bits_is_black():
+  assert not np.asarray(device_augment.posterize(jnp.asarray(_noise_image()), 0)).any()
+
+
+@pytest.mark.parametrize("name", sorted(device_augment.OPS))
+def test_device_magnitude_to_argument_matches_timm(name):
+  assert sorted(device_augment.OPS) == sorted(augment.OPS)
+  hparams = dict(translate_const=100, img_mean=augment.FILL)
+  for magnitude in (0.0, 3.3, 5.0, 8.7, 9.0, 10.0):
+    for sign in (1.0, -1.0):
+      with mock.patch.object(timm_aa.random, "random", return_value=0.9 if sign < 0 else 0.1):
+        level_fn = timm_aa.LEVEL_TO_ARG[name]
+        expected = level_fn(magnitude, hparams)[0] if level_fn else 0.0
+      actual = float(device_augment.OPS[name][1](jnp.float32(magnitude), jnp.float32(sign)))
+      assert actual == pytest.approx(expected, abs=1e-5), (name, magnitude, sign)
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "original"])
+def test_device_layers_run_the_drawn_operation(spec):
+  """`apply` runs, per image and layer, exactly the operation its draws name (or
+  nothing where the draw skips it): each image against the operation called alone."""
+  the_plan = device_augment.plan(spec)
+  names = the_plan.names
+  image = jnp.asarray(_gradient_image((24, 20)))
+  layers = the_plan.num_layers
+  batch = jnp.stack([image] * (2 * len(names)))
+  op = np.repeat(np.arange(len(names)), 2)
+  draws = device_augment.Draws(
+      op=jnp.asarray(np.stack([op] + [np.zeros_like(op)] * (layers - 1), 1)),
+      apply=jnp.asarray(np.stack([np.arange(op.size) % 2 == 0] +
+                                 [np.zeros(op.size, bool)] * (layers - 1), 1)),
+      magnitude=jnp.full((op.size, layers), 7.3), sign=jnp.full((op.size, layers), -1.0))
+  out = np.asarray(jax.jit(device_augment.apply, static_argnums=2)(batch, draws, the_plan))
+  for row, index in enumerate(op):
+    fn, level = device_augment.OPS[names[index]]
+    expected = fn(image, level(jnp.float32(7.3), jnp.float32(-1.0))) if row % 2 == 0 \
+        else image
+    np.testing.assert_array_equal(out[row], np.asarray(expected), err_msg=names[index])
+
+
+def test_device_augment_is_a_function_of_its_key():
+  images = jnp.asarray(np.stack([_gradient_image((32, 32))] * 16))
+  run = jax.jit(device_augment.auto_augment, static_argnums=2)
+  the_plan = device_augment.plan("rand-m9-mstd0.5-inc1")
+  a = np.asarray(run(jax.random.key(3), images, the_plan))
+  np.testing.assert_array_equal(a, np.asarray(run(jax.random.key(3), images, the_plan)))
+  b = np.asarray(run(jax.random.key(4), images, the_plan))
+  assert not np.array_equal(a, b)
+  # Per image: the 16 copies of one image come out as (mostly) different images.
+  assert len({row.tobytes() for row in a}) >= 8
+
+
+def _timm_policy_draws(transform, count):
+  """(applied op names, their magnitudes) of timm's RandAugment or AutoAugment."""
+  import random  # noqa: PLC0415
+  applied, magnitudes = [], []
+  ops = transform.ops if hasattr(transform, "ops") else [
+      op for sub in transform.policy for op in sub]
+  for op in ops:
+    def aug_fn(image, *_, name=op.name, **__):
+      applied.append(name)
+      return image
+    level_fn = op.level_fn
+    op.aug_fn = aug_fn
+    if level_fn is not None:
+      op.level_fn = lambda m, hparams, name=op.name, fn=level_fn: (
+          magnitudes.append((name, m)), fn(m, hparams))[1]
+  random.seed(0)
+  np.random.seed(0)
+  image = Image.new("RGB", (4, 4))
+  for _ in range(count):
+    transform(image)
+  return applied, magnitudes
+
+
+def _device_draws(spec, count):
+  the_plan = device_augment.plan(spec)
+  draws = jax.jit(device_augment.sample, static_argnums=(1, 2))(
+      jax.random.key(0), count, the_plan)
+  applied = np.asarray(draws.apply).reshape(-1)
+  names = [the_plan.names[i] for i in np.asarray(draws.op).reshape(-1)[applied]]
+  magnitudes = np.asarray(draws.magnitude).reshape(-1)[applied]
+  with_level = [timm_aa.LEVEL_TO_ARG[n] is not None for n in names]
+  return names, [(n, m) for n, m, keep in zip(names, magnitudes, with_level) if keep]
+
+
+def test_device_rand_augment_samples_as_timm_does():
+  """The device draws against timm's on 3000 images (6000 layers): the rate at which
+  a layer applies its op (p = 0.5), the op (uniform over timm's 15), the magnitudes
+  (9 + N(0, 0.5) clipped to [0, 10]). A wrong p, a missing noise or clip, or a skewed
+  choice fails."""
+  from scipy import stats  # noqa: PLC0415
+  spec, count = "rand-m9-mstd0.5-inc1", 3000
+  ours, ours_m = _device_draws(spec, count)
+  theirs, theirs_m = _timm_policy_draws(
+      timm_aa.rand_augment_transform(spec, {"img_mean": augment.FILL}), count)
+  layers = 2 * count
+  for applied in (ours, theirs):
+    assert abs(len(applied) / layers - 0.5) < 4 * math.sqrt(0.25 / layers)
+  names = augment.RAND_INCREASING_OPS
+  counts = [ours.count(n) for n in names]
+  assert sum(counts) == len(ours) and stats.chisquare(counts).pvalue > 1e-3, counts
+  table = [counts, [theirs.count(n) for n in names]]
+  assert stats.chi2_contingency(table).pvalue > 1e-3, table
+  ours_m, theirs_m = [m for _, m in ours_m], [m for _, m in theirs_m]
+  assert stats.ks_2samp(ours_m, theirs_m).pvalue > 1e-3
+  assert min(ours_m) >= 0 and max(ours_m) == 10.0
+  assert 0.01 < np.mean(np.asarray(ours_m) == 10.0) < 0.04
+  assert abs(np.std(ours_m) - np.std(theirs_m)) < 0.05
+
+
+def test_device_auto_augment_samples_as_timm_does():
+  """AutoAugment "original": which operations run how often (sub-policy choice times
+  each step's probability), ours against timm's on 4000 images."""
+  from scipy import stats  # noqa: PLC0415
+  ours, _ = _device_draws("original", 4000)
+  theirs, _ = _timm_policy_draws(
+      timm_aa.auto_augment_transform("original", {"img_mean": augment.FILL}), 4000)
+  names = sorted(set(ours) | set(theirs))
+  table = [[ours.count(n) for n in names], [theirs.count(n) for n in names]]
+  assert stats.chi2_contingency(table).pvalue > 1e-3, (names, table)
+  # Expected applications per image from the policy itself: 25 sub-policies, mean
+  # of their step probabilities summed.
+  expected = sum(p for sub in augment.AUTO_AUGMENT_POLICIES["original"]
+                 for _, p, _ in sub) / 25
+  assert abs(len(ours) / 4000 - expected) < 0.05

@@ -194,6 +194,36 @@ def test_a_uint8_batch_is_finished_in_the_step(setup):
     raise AssertionError("erasing boxes left every update unchanged")
 
 
+@pytest.mark.heavy  # compiles two steps of its own: not in `make check`
+def test_device_rand_augment_runs_in_the_step_with_the_step_s_draws(setup):
+  """A step with RandAugment in it (sharded over 8 devices) makes the update that a
+  plain step makes on the batch augmented beforehand with the step's key: the draws
+  are a function of (seed, step) alone, per image, whatever the sharding."""
+  from riformer_jax.data import device_augment  # noqa: PLC0415
+  _, labels, student, params, teacher = setup
+  pixels = np.random.default_rng(5).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  plan = device_augment.plan("rand-m9-mstd0.5-inc1")
+  plain = make_distiller(student, mix=None, finish=distill.FinishConfig(erase_mode=None))
+  augmenting = make_distiller(student, mix=None, finish=distill.FinishConfig(
+      erase_mode=None, auto_augment=plan))
+  state, _ = _run(augmenting, jax.jit(augmenting.train_step), params, pixels, labels,
+                  teacher, parallel.make_mesh(), steps=1)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 0),
+                           distill._AUGMENT_STREAM)
+  augmented = np.asarray(device_augment.auto_augment(key, jnp.asarray(pixels), plan))
+  assert (augmented != pixels).any(axis=(1, 2, 3)).sum() >= 4  # most images changed
+  expected, _ = _run(plain, jax.jit(plain.train_step), params, augmented, labels,
+                     teacher, mesh=None, steps=1)
+  untouched, _ = _run(plain, jax.jit(plain.train_step), params, pixels, labels, teacher,
+                      mesh=None, steps=1)
+  for got, want, before, other in zip(*(jax.tree.leaves(s.params) for s in (
+      state, expected, distill.TrainState(0, params, None), untouched))):
+    assert_moved(want, before, "update")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(untouched.params)))
+
+
 def test_eight_devices_match_one(setup, default, eight_devices):
   images, labels, _, params, teacher = setup
   eight, eight_metrics = eight_devices

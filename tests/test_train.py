@@ -402,14 +402,23 @@ def test_bad_configuration_is_named(tmp_path):
   message = fault(**{"data.dataset": "imagenet2012", "data.data_dir": str(tmp_path)})
   assert "ILSVRC2012_img_train.tar" in message
   assert "riformer_jax.data.sources prepare imagenet2012" in message
+  assert "config.aug.auto_augment_on='gpu': expected 'device'" in fault(
+      **{"aug.auto_augment": "original", "aug.auto_augment_on": "gpu"})
+  assert "set config.data.uint8_batches=True" in fault(
+      **{"aug.auto_augment": "original", "data.uint8_batches": False})
+  assert "config.aug.auto_augment='rand-q9': unknown RandAugment section 'q9'" in fault(
+      **{"aug.auto_augment": "rand-q9"})
 
 
-def test_uint8_batches_with_erasing_train_end_to_end(straight, tmp_path):
-  """The paper's recipe has random erasing; with uint8 batches it runs in the step.
-  The run finishes, and erasing changed what it trained on (the same seed without
-  erasing is the straight run)."""
-  config = tiny_config(log_every_steps=4, **{"aug.re_prob": 0.5})
-  assert config.data.uint8_batches
+def test_device_augmentation_and_erasing_train_and_resume_exactly(straight, tmp_path):
+  """The paper's recipe: RandAugment and random erasing, both in the jitted step on
+  uint8 batches (the host crops and flips). The run finishes, they changed what it
+  trained on (the same seed without them is the straight run), and a run resumed from
+  its step-4 checkpoint ends with the same params, bit for bit: the step's draws are
+  a function of (seed, step)."""
+  config = tiny_config(log_every_steps=4, **{"aug.re_prob": 0.5,
+                                             "aug.auto_augment": "rand-m9-mstd0.5-inc1"})
+  assert config.data.uint8_batches and config.aug.auto_augment_on == "device"
   final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final["student/top1"] == final["deploy/top1"]
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -419,6 +428,12 @@ def test_uint8_batches_with_erasing_train_end_to_end(straight, tmp_path):
   plain_loss = {m["step"]: m["loss/total"] for m in plain if "loss/total" in m}
   assert all(np.isfinite(v) for v in loss.values()) and set(loss) == set(plain_loss)
   assert all(loss[step] != plain_loss[step] for step in loss)
+  whole = final_params(tmp_path)
+  for name in ("checkpoints/8", "checkpoints/12", "student", "deploy"):
+    shutil.rmtree(tmp_path / name)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [4, 8, 12]
+  assert_same_tree(final_params(tmp_path), whole)
 
 
 @pytest.mark.slow

@@ -31,18 +31,14 @@ Known differences from timm (documented in docs/data.md):
 """
 
 import math
-import re
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from riformer_jax.data import imagenet
-
-# timm fills the uncovered area of geometric operations with the mean colour.
-FILL = tuple(min(255, round(255 * m)) for m in imagenet.MEAN)  # (124, 116, 104)
-
-_LEVEL_DENOM = 10.0  # timm's magnitude scale: M10 is the strongest level
-
+from riformer_jax.data import imagenet, policies
+from riformer_jax.data.policies import (  # noqa: F401  (this module's names too)
+    AUTO_AUGMENT_POLICIES, FILL, RAND_INCREASING_OPS, RAND_OPS, AugmentConfig,
+    parse_auto_augment)
 
 # ---------------------------------------------------------------- randomness
 
@@ -446,11 +442,11 @@ def _negate(sign, value):
 
 
 def _enhance_arg(m, _):
-  return m / _LEVEL_DENOM * 1.8 + 0.1
+  return m / policies.LEVEL_DENOM * 1.8 + 0.1
 
 
 def _enhance_increasing_arg(m, sign):
-  return tf.maximum(0.1, 1.0 + _negate(sign, m / _LEVEL_DENOM * 0.9))
+  return tf.maximum(0.1, 1.0 + _negate(sign, m / policies.LEVEL_DENOM * 0.9))
 
 
 def _int(x):
@@ -464,14 +460,14 @@ OPS = {
     "AutoContrast": (auto_contrast, lambda m, s: 0.0),
     "Equalize": (equalize, lambda m, s: 0.0),
     "Invert": (invert, lambda m, s: 0.0),
-    "Rotate": (rotate, lambda m, s: _negate(s, m / _LEVEL_DENOM * 30.0)),
-    "Posterize": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4)),
-    "PosterizeIncreasing": (posterize, lambda m, s: 4 - _int(m / _LEVEL_DENOM * 4)),
-    "PosterizeOriginal": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4) + 4),
-    "Solarize": (solarize, lambda m, s: tf.minimum(256, _int(m / _LEVEL_DENOM * 256))),
+    "Rotate": (rotate, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 30.0)),
+    "Posterize": (posterize, lambda m, s: _int(m / policies.LEVEL_DENOM * 4)),
+    "PosterizeIncreasing": (posterize, lambda m, s: 4 - _int(m / policies.LEVEL_DENOM * 4)),
+    "PosterizeOriginal": (posterize, lambda m, s: _int(m / policies.LEVEL_DENOM * 4) + 4),
+    "Solarize": (solarize, lambda m, s: tf.minimum(256, _int(m / policies.LEVEL_DENOM * 256))),
     "SolarizeIncreasing": (
-        solarize, lambda m, s: 256 - tf.minimum(256, _int(m / _LEVEL_DENOM * 256))),
-    "SolarizeAdd": (solarize_add, lambda m, s: tf.minimum(128, _int(m / _LEVEL_DENOM * 110))),
+        solarize, lambda m, s: 256 - tf.minimum(256, _int(m / policies.LEVEL_DENOM * 256))),
+    "SolarizeAdd": (solarize_add, lambda m, s: tf.minimum(128, _int(m / policies.LEVEL_DENOM * 110))),
     "Color": (color, _enhance_arg),
     "ColorIncreasing": (color, _enhance_increasing_arg),
     "Contrast": (contrast, _enhance_arg),
@@ -480,155 +476,13 @@ OPS = {
     "BrightnessIncreasing": (brightness, _enhance_increasing_arg),
     "Sharpness": (sharpness, _enhance_arg),
     "SharpnessIncreasing": (sharpness, _enhance_increasing_arg),
-    "ShearX": (shear_x, lambda m, s: _negate(s, m / _LEVEL_DENOM * 0.3)),
-    "ShearY": (shear_y, lambda m, s: _negate(s, m / _LEVEL_DENOM * 0.3)),
-    "TranslateXRel": (translate_x_rel, lambda m, s: _negate(s, m / _LEVEL_DENOM * 0.45)),
-    "TranslateYRel": (translate_y_rel, lambda m, s: _negate(s, m / _LEVEL_DENOM * 0.45)),
+    "ShearX": (shear_x, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.3)),
+    "ShearY": (shear_y, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.3)),
+    "TranslateXRel": (translate_x_rel, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.45)),
+    "TranslateYRel": (translate_y_rel, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.45)),
 }
-
-# timm's RandAugment operation lists (`_RAND_TRANSFORMS`, `_RAND_INCREASING_TRANSFORMS`).
-RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
-            "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
-            "ShearY", "TranslateXRel", "TranslateYRel")
-RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate",
-                       "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-                       "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
-                       "TranslateYRel")
-
-# The ImageNet AutoAugment policy of the paper (arXiv:1805.09501), timm's "original":
-# 25 sub-policies of two (operation, probability, magnitude) steps.
-_POLICY_ORIGINAL = (
-    (("PosterizeOriginal", 0.4, 8), ("Rotate", 0.6, 9)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
-    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
-    (("PosterizeOriginal", 0.6, 7), ("PosterizeOriginal", 0.6, 6)),
-    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
-    (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
-    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)),
-    (("PosterizeOriginal", 0.8, 5), ("Equalize", 1.0, 2)),
-    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
-    (("Equalize", 0.6, 8), ("PosterizeOriginal", 0.4, 6)),
-    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
-    (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
-    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)),
-    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
-    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
-    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
-    (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
-    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)),
-    (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
-    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
-    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
-    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
-)
-
-# The TPU EfficientNet ImageNet policy, timm's "v0".
-_POLICY_V0 = (
-    (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)),
-    (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
-    (("Color", 0.4, 1), ("Rotate", 0.6, 8)),
-    (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
-    (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)),
-    (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
-    (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)),
-    (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
-    (("Color", 0.6, 1), ("Equalize", 1.0, 2)),
-    (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
-    (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)),
-    (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
-    (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)),
-    (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
-    (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)),
-    (("Rotate", 1.0, 7), ("TranslateYRel", 0.8, 9)),
-    (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)),
-    (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
-    (("Color", 1.0, 0), ("Rotate", 0.6, 2)),
-    (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
-    (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)),
-    (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
-    (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)),
-    (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)),
-    (("Color", 0.8, 6), ("Rotate", 0.4, 5)),
-)
-
-
-def _research_posterize(policy):
-  """timm's "r" variants: Posterize* replaced by PosterizeIncreasing."""
-  return tuple(tuple(("PosterizeIncreasing" if n.startswith("Posterize") else n, p, m)
-                     for n, p, m in sub) for sub in policy)
-
-
-AUTO_AUGMENT_POLICIES = {
-    "original": _POLICY_ORIGINAL,
-    "originalr": _research_posterize(_POLICY_ORIGINAL),
-    "v0": _POLICY_V0,
-    "v0r": _research_posterize(_POLICY_V0),
-}
-
 
 # ---------------------------------------------------------------- policies
-
-
-class AugmentConfig(NamedTuple):
-  """A parsed timm auto-augment string ("rand-m9-mstd0.5-inc1", "original", ...)."""
-
-  kind: str  # "rand" or "auto"
-  ops: Tuple[str, ...] = ()  # RandAugment's operations
-  policy: Tuple = ()  # AutoAugment's sub-policies
-  magnitude: float = 10.0
-  num_layers: int = 2
-  prob: float = 0.5
-  magnitude_std: float = 0.0
-  magnitude_max: float = _LEVEL_DENOM
-
-
-def parse_auto_augment(spec: str) -> AugmentConfig:
-  """Parses timm's `--aa` strings; raises ValueError naming the bad section."""
-  sections = spec.split("-")
-  fields = {}
-  if sections[0] == "rand":
-    fields.update(kind="rand", ops=RAND_OPS)
-    for section in sections[1:]:
-      key, value = _split_section(spec, section)
-      if key == "m":
-        fields["magnitude"] = float(int(value))
-      elif key == "n":
-        fields["num_layers"] = int(value)
-      elif key == "p":
-        fields["prob"] = float(value)
-      elif key == "mstd":
-        # timm: a standard deviation above 100 means uniform sampling in [0, m].
-        fields["magnitude_std"] = math.inf if float(value) > 100 else float(value)
-      elif key == "mmax":
-        fields["magnitude_max"] = float(int(value))
-      elif key == "inc":
-        if int(value):
-          fields["ops"] = RAND_INCREASING_OPS
-      else:
-        raise ValueError(f"auto_augment={spec!r}: unknown RandAugment section {section!r}")
-    return AugmentConfig(**fields)
-  if sections[0] in AUTO_AUGMENT_POLICIES:
-    fields.update(kind="auto", policy=AUTO_AUGMENT_POLICIES[sections[0]])
-    for section in sections[1:]:
-      key, value = _split_section(spec, section)
-      if key != "mstd":
-        raise ValueError(f"auto_augment={spec!r}: unknown AutoAugment section {section!r}")
-      fields["magnitude_std"] = float(value)
-    return AugmentConfig(**fields)
-  raise ValueError(
-      f"auto_augment={spec!r}: expected 'rand-...' (e.g. 'rand-m9-mstd0.5-inc1') or an "
-      f"AutoAugment policy {sorted(AUTO_AUGMENT_POLICIES)} (e.g. 'original-mstd0.5')")
-
-
-def _split_section(spec, section):
-  match = re.fullmatch(r"([a-z]+)(\d.*)", section)
-  if not match:
-    raise ValueError(f"auto_augment={spec!r}: cannot parse section {section!r}")
-  return match.group(1), match.group(2)
 
 
 def _apply_op(seed, image, name, magnitude, prob, config: AugmentConfig, fill):

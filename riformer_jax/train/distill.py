@@ -12,8 +12,9 @@ the same update as one large batch of the same size).
 
 Randomness (mixing, dropout, drop path, erasing noise) is `fold_in(seed_key, step)`:
 a resumed run replays exactly the steps an uninterrupted run takes. A uint8 batch
-(`pipeline.train_batches(uint8=True)`) is normalised and erased here first
-(`mixup.finish_batch`), before the mixing, where timm does both per image.
+(`pipeline.train_batches(uint8=True)`) is augmented (RandAugment/AutoAugment,
+`device_augment`, where the host left it to the step), normalised and erased here
+first (`mixup.finish_batch`), before the mixing, where timm does all three per image.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from riformer_jax.data import imagenet
+from riformer_jax.data import device_augment, imagenet, policies
 from riformer_jax.train import losses, mixup, optim
 
 TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
@@ -33,7 +34,8 @@ TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
 
 
-_ERASE_STREAM = 0xE5A  # fold_in index of the erasing noise within a step's key
+_ERASE_STREAM = 0xE5A  # fold_in indices of the erasing noise and of the augmentation
+_AUGMENT_STREAM = 0xA06  # draws within a step's key
 
 
 @flax.struct.dataclass
@@ -63,10 +65,14 @@ class MixConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinishConfig:
-  """How a uint8 batch becomes the networks' input (`mixup.finish_batch`)."""
+  """How a uint8 batch becomes the networks' input: RandAugment/AutoAugment
+  (`device_augment`, when the host left it to the step), then normalisation and
+  erasing (`mixup.finish_batch`)."""
   mean: Sequence[float] = imagenet.MEAN
   std: Sequence[float] = imagenet.STD
   erase_mode: Optional[str] = "pixel"  # None: the recipe erases nothing
+  auto_augment: Optional[device_augment.Plan] = None
+  fill: Sequence[int] = policies.FILL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +173,16 @@ class Distiller:
 
     `weights` maps every name in TERMS to a float32 scalar (traced: changing them
     does not recompile). `rng` is the run's base key; the step folds its count in.
-    uint8 `images` are finished first, with `erase_boxes` (int32 [B, 4]).
+    uint8 `images` are finished first (augmented where `finish.auto_augment` says, then
+    normalised and erased with `erase_boxes`, int32 [B, 4]).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     mix_rng, dropout_rng = jax.random.split(step_rng)
     if images.dtype == jnp.uint8:
+      if self.finish.auto_augment is not None:
+        images = device_augment.auto_augment(
+            jax.random.fold_in(step_rng, _AUGMENT_STREAM), images,
+            self.finish.auto_augment, self.finish.fill)
       # A key of its own, so that float batches keep their mixing and dropout draws.
       images = mixup.finish_batch(
           jax.random.fold_in(step_rng, _ERASE_STREAM), images,

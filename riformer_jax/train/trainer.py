@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riformer_jax.data import augment, pipeline, sources
+from riformer_jax.data import augment, device_augment, pipeline, sources
 from riformer_jax.models import registry, surgery
 from riformer_jax.train import (
   checkpointing,
@@ -130,7 +130,8 @@ def make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher
       temperature=config.distill.temperature, mi_blocks=tuple(config.distill.mi_blocks),
       shared_teacher=shared_teacher, accum_steps=config.accum_steps,
       ema_decay=config.ema_decay, schedule=schedule,
-      finish=distill.FinishConfig(erase_mode="pixel" if config.aug.re_prob > 0 else None))
+      finish=distill.FinishConfig(erase_mode="pixel" if config.aug.re_prob > 0 else None,
+                                  auto_augment=device_augment_plan(config)))
 
 
 def eval_functions(config, student, deploy):
@@ -219,6 +220,26 @@ def check_batch_split(config):
         f"config.batch_size={config.batch_size} must split into "
         f"config.accum_steps={config.accum_steps} micro-batches of even size on each "
         f"of {jax.device_count()} devices")
+
+
+def device_augment_plan(config):
+  """RandAugment/AutoAugment for the train step (`config.aug.auto_augment_on` =
+  "device", the default), or None where the host runs it or the recipe has none; a
+  bad spec or placement is a `RunError` naming the field."""
+  spec, where = config.aug.auto_augment, config.aug.auto_augment_on
+  if where not in ("device", "host"):
+    raise faults.RunError(f"config.aug.auto_augment_on={where!r}: expected 'device' "
+                          "(in the jitted train step) or 'host' (in tf.data)")
+  try:
+    plan = device_augment.plan(spec) if spec else None
+  except ValueError as e:
+    raise faults.RunError(f"config.aug.{e}") from e
+  if where == "host" or plan is None:
+    return None
+  if not config.data.uint8_batches:
+    raise faults.RunError("config.aug.auto_augment_on='device' augments uint8 batches: "
+                          "set config.data.uint8_batches=True (or auto_augment_on='host')")
+  return plan
 
 
 def open_sources(config):
@@ -336,7 +357,8 @@ def train_batches(config, train_source, mesh, start, total_steps, unreadable):
   examples that cannot be read go to `unreadable` (`pipeline.UnreadableExamples`)."""
   recipe = augment.TrainAugment(
       size=config.resolution, scale=tuple(config.aug.scale), ratio=tuple(config.aug.ratio),
-      hflip=config.aug.hflip, auto_augment=config.aug.auto_augment or None,
+      hflip=config.aug.hflip,
+      auto_augment=None if device_augment_plan(config) else config.aug.auto_augment or None,
       re_prob=config.aug.re_prob, exact_resize=config.aug.exact_resize,
       reduced_dct=config.aug.reduced_dct)
   return parallel.global_batches(pipeline.train_batches(
@@ -372,6 +394,7 @@ def _train_and_evaluate(config, workdir, accept_changes):
   mesh = parallel.make_mesh()
   # Everything that can fault comes first, before any compilation.
   check_batch_split(config)
+  device_augment_plan(config)  # a bad spec or placement stops here, before any work
   checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
   for change in checkpointing.record_config(workdir, config, checkpoints.any(),
                                             accept_changes):

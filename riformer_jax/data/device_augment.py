@@ -1,0 +1,344 @@
+"""RandAugment and AutoAugment in the jitted train step: batched JAX on uint8 images.
+
+On the host (`augment.auto_augment`, TensorFlow inside tf.data) these operations cost
+3-4 ms of CPU per image, as much as decoding and cropping together (docs/data.md);
+on an accelerator they are a few elementwise passes, one per-image reduction and one
+gather per layer. This module runs timm's operations on a uint8 batch [B, H, W, 3]
+after the host's crop, resize and flip, before `mixup.finish_batch` normalises and
+erases: the order of timm's recipe.
+
+Semantics are the host path's (`augment`: each operation follows the PIL function timm calls, with
+the same magnitude-to-argument functions, noise, clipping, probability and fill;
+tests/test_augment.py compares each with PIL and the sampling with timm's),
+so the two paths differ only in their random draws. Draws are per image, from a key
+that the train step derives from (seed, step): a resumed run redraws exactly.
+
+Under `vmap` a `lax.switch` on a per-image index computes every branch and selects;
+a layer therefore costs the sum of its candidate operations (docs/data.md measures
+it against the step). Out-of-image pixels of geometric operations take the fill
+colour; interpolation is bilinear, as on the host path.
+"""
+
+import math
+from typing import NamedTuple, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from riformer_jax.data import policies
+
+_LEVEL_DENOM = policies.LEVEL_DENOM
+# numpy, not jax, constants: importing must not start a backend (multi-host set-up).
+_CHANNEL_OFFSETS = np.array([0, 256, 512], np.int32)
+
+
+# ---------------------------------------------------------------- operations
+# Each takes one uint8 HWC image and its argument (a traced scalar), returns uint8.
+
+
+def _to_uint8_floor(x):
+  """PIL's float-to-uint8 in blends and filters: truncate, then clip."""
+  return jnp.floor(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def _grayscale(x):
+  """PIL's RGB -> L (ITU-R 601-2 in 16-bit fixed point); int32 HW."""
+  x = x.astype(jnp.int32)
+  return (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _product(factor, n):
+  """`factor * n` rounded to float32, as PIL and TensorFlow's kernels round it, for
+  integer-valued `n` below 4096 in magnitude. XLA contracts a product and a following
+  add into one fused multiply-add (one rounding), which moves a sum that lands on an
+  integer (a blend's level, a pixel's edge) across it. So the product is formed from
+  two exact ones: `factor` split into 12-bit halves, each times a 12-bit `n` is
+  exact, and their sum is the product rounded once, fused or not."""
+  factor = jnp.asarray(factor, jnp.float32)
+  high = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(factor, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
+  return high * n + (factor - high) * n
+
+
+def _blend(degenerate, image, factor):
+  """PIL's `blend` of two uint8 images: `floor(d + f * (x - d))` in float32."""
+  degenerate = jnp.asarray(degenerate).astype(jnp.int32)
+  difference = (image.astype(jnp.int32) - degenerate).astype(jnp.float32)
+  return _to_uint8_floor(degenerate.astype(jnp.float32) + _product(factor, difference))
+
+
+def _apply_tables(image, tables):
+  """One 256-level table per channel ([3, 256] int32), as PIL's `Image.point`."""
+  flat = jnp.clip(tables, 0, 255).astype(jnp.uint8).reshape(-1)
+  return flat[image.astype(jnp.int32) + _CHANNEL_OFFSETS]
+
+
+_LEVELS = np.arange(256, dtype=np.int32)
+
+
+def auto_contrast(image, _=None):
+  x = image.astype(jnp.float32)
+  lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+  stretch = hi > lo
+  scale = jnp.where(stretch, 255.0 / jnp.maximum(hi - lo, 1.0), 1.0)
+  offset = jnp.where(stretch, lo * scale, 0.0)
+  table = jnp.floor(_LEVELS[None, :].astype(jnp.float32) * scale[:, None] - offset[:, None])
+  return _apply_tables(image, table.astype(jnp.int32))
+
+
+def equalize(image, _=None):
+  """ImageOps.equalize per channel, in PIL's integer arithmetic."""
+  index = (image.astype(jnp.int32) + _CHANNEL_OFFSETS).reshape(-1)
+  hist = jnp.zeros(768, jnp.int32).at[index].add(1).reshape(3, 256)
+  nonzero = hist > 0
+  last = 255 - jnp.argmax(nonzero[:, ::-1], axis=1)
+  last_count = jnp.take_along_axis(hist, last[:, None], axis=1)[:, 0]
+  step = (hist.sum(axis=1) - last_count) // 255
+  cumulative = jnp.cumsum(hist, axis=1) - hist
+  safe_step = jnp.maximum(step, 1)[:, None]
+  table = (safe_step // 2 + cumulative) // safe_step
+  keep = (nonzero.sum(axis=1) <= 1) | (step == 0)
+  return _apply_tables(image, jnp.where(keep[:, None], _LEVELS[None, :], table))
+
+
+def invert(image, _=None):
+  return 255 - image
+
+
+def posterize(image, bits):
+  bits = jnp.asarray(bits, jnp.int32)
+  mask = (~((1 << (8 - jnp.minimum(bits, 8))) - 1)) & 255
+  return image & mask.astype(jnp.uint8)
+
+
+def solarize(image, threshold):
+  return jnp.where(image.astype(jnp.int32) >= threshold, 255 - image, image)
+
+
+def solarize_add(image, add, threshold=128):
+  x = image.astype(jnp.int32)
+  return jnp.where(x < threshold, x + jnp.minimum(add, 255 - x), x).astype(jnp.uint8)
+
+
+def color(image, factor):
+  return _blend(_grayscale(image)[..., None], image, factor)
+
+
+def contrast(image, factor):
+  mean = jnp.floor(_grayscale(image).astype(jnp.float32).mean() + 0.5)
+  return _blend(mean, image, factor)
+
+
+def brightness(image, factor):
+  return _blend(0.0, image, factor)
+
+
+def sharpness(image, factor):
+  """Blend with PIL's SMOOTH filter (3x3, centre 5, /13), its one-pixel frame kept."""
+  x = image.astype(jnp.float32)
+  height, width = image.shape[:2]
+  total = sum(x[i:height - 2 + i, j:width - 2 + j] for i in range(3) for j in range(3))
+  smooth = jnp.clip(jnp.round((total + 4.0 * x[1:-1, 1:-1]) / 13.0), 0.0, 255.0)
+  degenerate = x.at[1:-1, 1:-1].set(smooth)
+  return _blend(degenerate, image, factor)
+
+
+def _affine(image, coefficients, fill):
+  """PIL's `transform(AFFINE, (a, b, c, d, e, f))`, bilinear: output point (x, y) samples
+  the input at (a x + b y + c, d x + e y + f) in PIL's continuous coordinates (pixel
+  i covers [i, i + 1)); neighbours clamp at the border, points outside [0, w) x [0, h)
+  take `fill`."""
+  a, b, c, d, e, f = coefficients
+  height, width = image.shape[:2]
+  if max(height, width) > 2047:  # `_product`'s range for the doubled coordinates
+    raise ValueError(f"device augmentation takes images up to 2047 px, not {image.shape}")
+  # Pixel centres x + 1/2 as 2x + 1 (integers) times half the coefficient: exact.
+  rows = 2 * jnp.arange(height, dtype=jnp.float32)[:, None] + 1
+  cols = 2 * jnp.arange(width, dtype=jnp.float32)[None, :] + 1
+  x_in = _product(a * 0.5, cols) + _product(b * 0.5, rows) + c
+  y_in = _product(d * 0.5, cols) + _product(e * 0.5, rows) + f
+  u, v = x_in - 0.5, y_in - 0.5  # index coordinates: pixel centres at integers
+  x0, y0 = jnp.floor(u), jnp.floor(v)
+  wx, wy = (u - x0)[..., None], (v - y0)[..., None]
+  x0 = x0.astype(jnp.int32)
+  y0 = y0.astype(jnp.int32)
+  pixels = image.astype(jnp.float32)
+
+  def at(y, x):
+    return pixels[jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)]
+
+  top = at(y0, x0) * (1.0 - wx) + at(y0, x0 + 1) * wx
+  bottom = at(y0 + 1, x0) * (1.0 - wx) + at(y0 + 1, x0 + 1) * wx
+  warped = top * (1.0 - wy) + bottom * wy
+  inside = ((x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height))[..., None]
+  return _to_uint8_floor(jnp.where(inside, warped, jnp.asarray(fill, jnp.float32)))
+
+
+def rotate(image, degrees, fill=policies.FILL):
+  """Image.rotate(degrees): counter-clockwise about the centre, same size."""
+  height, width = image.shape[:2]
+  cx, cy = width / 2.0, height / 2.0
+  angle = -jnp.asarray(degrees, jnp.float32) * (math.pi / 180.0)
+  a, b, d, e = jnp.cos(angle), jnp.sin(angle), -jnp.sin(angle), jnp.cos(angle)
+  return _affine(image, (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy), fill)
+
+
+def shear_x(image, factor, fill=policies.FILL):
+  return _affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(image, factor, fill=policies.FILL):
+  return _affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+
+
+def translate_x_rel(image, fraction, fill=policies.FILL):
+  return _affine(image, (1.0, 0.0, fraction * image.shape[1], 0.0, 1.0, 0.0), fill)
+
+
+def translate_y_rel(image, fraction, fill=policies.FILL):
+  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, fraction * image.shape[0]), fill)
+
+
+# ---------------------------------------------------------------- magnitudes
+
+
+def _int(x):
+  """Python's int() on a non-negative float."""
+  return jnp.floor(x).astype(jnp.int32)
+
+
+def _enhance(m, _):
+  return m / _LEVEL_DENOM * 1.8 + 0.1
+
+
+def _enhance_increasing(m, sign):
+  return jnp.maximum(0.1, 1.0 + sign * (m / _LEVEL_DENOM * 0.9))
+
+
+def _zero(m, sign):
+  return jnp.zeros((), jnp.float32)
+
+
+# name: (operation, (magnitude, sign) -> argument), timm's level functions.
+OPS = {
+    "AutoContrast": (auto_contrast, _zero),
+    "Equalize": (equalize, _zero),
+    "Invert": (invert, _zero),
+    "Rotate": (rotate, lambda m, s: s * (m / _LEVEL_DENOM * 30.0)),
+    "Posterize": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4)),
+    "PosterizeIncreasing": (posterize, lambda m, s: 4 - _int(m / _LEVEL_DENOM * 4)),
+    "PosterizeOriginal": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4) + 4),
+    "Solarize": (solarize, lambda m, s: jnp.minimum(256, _int(m / _LEVEL_DENOM * 256))),
+    "SolarizeIncreasing": (
+        solarize, lambda m, s: 256 - jnp.minimum(256, _int(m / _LEVEL_DENOM * 256))),
+    "SolarizeAdd": (solarize_add,
+                    lambda m, s: jnp.minimum(128, _int(m / _LEVEL_DENOM * 110))),
+    "Color": (color, _enhance),
+    "ColorIncreasing": (color, _enhance_increasing),
+    "Contrast": (contrast, _enhance),
+    "ContrastIncreasing": (contrast, _enhance_increasing),
+    "Brightness": (brightness, _enhance),
+    "BrightnessIncreasing": (brightness, _enhance_increasing),
+    "Sharpness": (sharpness, _enhance),
+    "SharpnessIncreasing": (sharpness, _enhance_increasing),
+    "ShearX": (shear_x, lambda m, s: s * (m / _LEVEL_DENOM * 0.3)),
+    "ShearY": (shear_y, lambda m, s: s * (m / _LEVEL_DENOM * 0.3)),
+    "TranslateXRel": (translate_x_rel, lambda m, s: s * (m / _LEVEL_DENOM * 0.45)),
+    "TranslateYRel": (translate_y_rel, lambda m, s: s * (m / _LEVEL_DENOM * 0.45)),
+}
+_GEOMETRIC = (rotate, shear_x, shear_y, translate_x_rel, translate_y_rel)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class Plan(NamedTuple):
+  """A parsed spec as arrays: layer l of an image runs `names[op]` with probability
+  `prob` at magnitude `magnitude` (before noise). RandAugment draws `op` uniformly
+  per layer; AutoAugment draws one of `policy_ops`' rows per image."""
+
+  names: Tuple[str, ...]
+  num_layers: int
+  # AutoAugment's sub-policies as [P][L] tuples (hashable: a Plan is a static argument)
+  policy_ops: Tuple = ()
+  policy_probs: Tuple = ()
+  policy_magnitudes: Tuple = ()
+  config: policies.AugmentConfig = policies.AugmentConfig("rand")
+
+
+def plan(spec) -> Plan:
+  """`spec` (a timm string or `policies.AugmentConfig`) as a `Plan`."""
+  config = policies.parse_auto_augment(spec) if isinstance(spec, str) else spec
+  if config.kind == "rand":
+    return Plan(tuple(config.ops), config.num_layers, config=config)
+  names = tuple(sorted({name for sub in config.policy for name, _, _ in sub}))
+  layers = max(len(sub) for sub in config.policy)
+  if any(len(sub) != layers for sub in config.policy):
+    raise ValueError("AutoAugment sub-policies of different lengths are not supported")
+  return Plan(names, layers,
+              tuple(tuple(names.index(n) for n, _, _ in sub) for sub in config.policy),
+              tuple(tuple(float(p) for _, p, _ in sub) for sub in config.policy),
+              tuple(tuple(float(m) for _, _, m in sub) for sub in config.policy), config)
+
+
+class Draws(NamedTuple):
+  """Per image and layer ([B, L]): which operation, whether it runs, its magnitude
+  after noise and clipping, and the sign of signed arguments (timm's random negation)."""
+
+  op: jax.Array
+  apply: jax.Array
+  magnitude: jax.Array
+  sign: jax.Array
+
+
+def sample(key, batch_size: int, the_plan: Plan) -> Draws:
+  """timm's draws for `batch_size` images (RandAugment's `np.random.choice` with
+  replacement, AugmentOp's `random() > prob` skip, Gaussian magnitude noise clipped
+  to [0, magnitude_max], or uniform in [0, m] for an infinite std, and
+  `random() > 0.5` negation)."""
+  config = the_plan.config
+  shape = (batch_size, the_plan.num_layers)
+  op_key, apply_key, noise_key, sign_key = jax.random.split(key, 4)
+  if config.kind == "rand":
+    op = jax.random.randint(op_key, shape, 0, len(the_plan.names))
+    prob = jnp.full(shape, config.prob, jnp.float32)
+    magnitude = jnp.full(shape, config.magnitude, jnp.float32)
+  else:
+    row = jax.random.randint(op_key, (batch_size,), 0, len(the_plan.policy_ops))
+    op = jnp.asarray(the_plan.policy_ops, jnp.int32)[row]
+    prob = jnp.asarray(the_plan.policy_probs, jnp.float32)[row]
+    magnitude = jnp.asarray(the_plan.policy_magnitudes, jnp.float32)[row]
+  apply = jax.random.uniform(apply_key, shape) <= prob
+  if config.magnitude_std == math.inf:
+    magnitude = jax.random.uniform(noise_key, shape) * magnitude
+  elif config.magnitude_std > 0:
+    magnitude = magnitude + config.magnitude_std * jax.random.normal(noise_key, shape)
+  magnitude = jnp.clip(magnitude, 0.0, config.magnitude_max)
+  sign = jnp.where(jax.random.uniform(sign_key, shape) > 0.5, -1.0, 1.0)
+  return Draws(op.astype(jnp.int32), apply, magnitude, sign)
+
+
+def _branch(name, fill):
+  op, level = OPS[name]
+  extra = {"fill": fill} if op in _GEOMETRIC else {}
+  return lambda image, m, sign: op(image, level(m, sign), **extra)
+
+
+def apply(images, draws: Draws, the_plan: Plan, fill: Sequence[int] = policies.FILL):
+  """The drawn operations on uint8 [B, H, W, 3] images, layer after layer."""
+  branches = [_branch(name, tuple(fill)) for name in the_plan.names]
+
+  def one_image(image, op, run, magnitude, sign):
+    for layer in range(the_plan.num_layers):
+      out = jax.lax.switch(op[layer], branches, image, magnitude[layer], sign[layer])
+      image = jnp.where(run[layer], out, image)
+    return image
+  return jax.vmap(one_image)(images, *draws)
+
+
+def auto_augment(key, images, spec, fill: Sequence[int] = policies.FILL):
+  """RandAugment or AutoAugment (`spec`: timm's string, e.g. "rand-m9-mstd0.5-inc1",
+  or a `Plan`) on a uint8 batch, every image with its own draws from `key`."""
+  the_plan = spec if isinstance(spec, Plan) else plan(spec)
+  return apply(images, sample(key, images.shape[0], the_plan), the_plan, fill)
