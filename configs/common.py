@@ -76,6 +76,12 @@ def riformer_config(size):
       # host only decodes, crops, resizes and flips; "host": in tf.data, for hosts
       # with cores to spare where the accelerator is the bottleneck (docs/data.md).
       auto_augment_on="device",
+      # "device": the host sends each decoded crop in a canvas x canvas uint8 frame and
+      # the step resizes it (PIL's bicubic, antialiased); "host": tf.data resizes. 512
+      # holds a whole ImageNet image (longer side <= 500); larger crops are resized
+      # on the host. 5.2x the bytes of a 224 image per transfer (docs/data.md).
+      resize_on="device",
+      canvas=512,
       re_prob=0.25,
       hflip=0.5,
       exact_resize=False,  # True: PIL's two resize passes (2x the crop's resize time)

@@ -349,6 +349,23 @@ def test_device_operations_match_pil(name, arg):
       assert diff.max() == 0, name
 
 
+@pytest.mark.parametrize("size", [(150, 200), (57, 91), (120, 90), (40, 40)])
+def test_device_resize_of_a_window_matches_pil_bicubic(size):
+  """The step's resize of a crop in a canvas (`resize_windows`) against PIL's bicubic,
+  shrinking and enlarging: within a level, a few tenths on average (the host path's
+  single float pass allows 3 and 0.3); what lies outside the window does not count."""
+  image = _smooth_image()[:size[0], :size[1]]
+  resize = jax.jit(device_augment.resize_windows, static_argnums=2)
+  for out in (224, 64):
+    expected = np.asarray(Image.fromarray(image).resize((out, out), Image.BICUBIC))
+    for padding in (0, 255):
+      canvas = np.full((1, 256, 256, 3), padding, np.uint8)
+      canvas[0, :size[0], :size[1]] = image
+      actual = np.asarray(resize(canvas, np.array([size], np.int32), out))[0]
+      diff = np.abs(actual.astype(int) - expected.astype(int))
+      assert diff.max() <= 1 and diff.mean() < 0.25, (size, out, padding)
+
+
 def test_device_posterize_to_zero_bits_is_black():
   assert not np.asarray(device_augment.posterize(jnp.asarray(_noise_image()), 0)).any()
 

@@ -141,19 +141,20 @@ def test_switching_terms_off_skips_them_without_recompiling(setup, default):
 
 
 def _run(distiller, step, params, images, labels, teacher, mesh, steps=2,
-         erase_boxes=None, seed=3):
+         erase_boxes=None, seed=3, window_sizes=None):
   """`steps` updates by `step` (`distiller.train_step` jitted), the batch split over
   `mesh`, or on the default device alone where `mesh` is None."""
   state = distiller.init_state(params)
   if mesh is not None:
     data = parallel.data_sharding(mesh)
     state = jax.device_put(state, parallel.replicated(mesh))
-    images, labels, erase_boxes = jax.device_put((images, labels, erase_boxes), data)
+    images, labels, erase_boxes, window_sizes = jax.device_put(
+        (images, labels, erase_boxes, window_sizes), data)
     teacher = jax.device_put(teacher, parallel.replicated(mesh))
   w = weights(soft_kd=1.0, mi_in=1.0, mi_out=1.0, mi_rel=1.0)
   for _ in range(steps):
     state, metrics = step(state, images, labels, w, jax.random.key(seed), teacher, teacher,
-                          erase_boxes)
+                          erase_boxes, window_sizes)
   return jax.device_get((state, metrics))
 
 
@@ -195,22 +196,27 @@ def test_a_uint8_batch_is_finished_in_the_step(setup):
 
 
 @pytest.mark.heavy  # compiles two steps of its own: not in `make check`
-def test_device_rand_augment_runs_in_the_step_with_the_step_s_draws(setup):
-  """A step with RandAugment in it (sharded over 8 devices) makes the update that a
-  plain step makes on the batch augmented beforehand with the step's key: the draws
-  are a function of (seed, step) alone, per image, whatever the sharding."""
+def test_device_resize_and_rand_augment_run_in_the_step_with_the_step_s_draws(setup):
+  """A step that resizes windows from their canvases and applies RandAugment (sharded
+  over 8 devices) makes the update that a plain step makes on the batch resized and
+  augmented beforehand with the step's key: the draws are a function of (seed, step)
+  alone, per image, whatever the sharding."""
   from riformer_jax.data import device_augment  # noqa: PLC0415
   _, labels, student, params, teacher = setup
-  pixels = np.random.default_rng(5).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  rng = np.random.default_rng(5)
+  canvases = rng.integers(0, 256, (8, 48, 48, 3), dtype=np.uint8)
+  sizes = rng.integers(20, 49, (8, 2)).astype(np.int32)
   plan = device_augment.plan("rand-m9-mstd0.5-inc1")
   plain = make_distiller(student, mix=None, finish=distill.FinishConfig(erase_mode=None))
   augmenting = make_distiller(student, mix=None, finish=distill.FinishConfig(
-      erase_mode=None, auto_augment=plan))
-  state, _ = _run(augmenting, jax.jit(augmenting.train_step), params, pixels, labels,
-                  teacher, parallel.make_mesh(), steps=1)
+      erase_mode=None, auto_augment=plan, resize_to=32))
+  state, _ = _run(augmenting, jax.jit(augmenting.train_step), params, canvases, labels,
+                  teacher, parallel.make_mesh(), steps=1, window_sizes=sizes)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 0),
                            distill._AUGMENT_STREAM)
-  augmented = np.asarray(device_augment.auto_augment(key, jnp.asarray(pixels), plan))
+  pixels = device_augment.resize_windows(jnp.asarray(canvases), jnp.asarray(sizes), 32)
+  augmented = np.asarray(device_augment.auto_augment(key, pixels, plan))
+  pixels = np.asarray(pixels)
   assert (augmented != pixels).any(axis=(1, 2, 3)).sum() >= 4  # most images changed
   expected, _ = _run(plain, jax.jit(plain.train_step), params, augmented, labels,
                      teacher, mesh=None, steps=1)

@@ -136,6 +136,39 @@ def test_uint8_batches_defer_normalisation_and_erasing(folder):
     np.testing.assert_array_equal(resumed[0][key], uint8[2][key])
 
 
+def test_canvas_batches_leave_the_resize_to_the_step(folder):
+  """recipe.canvas: each row is the flipped crop unresized at the canvas's top left
+  (zeros around it) with its size; resized in the step it is the host path's uint8
+  image within a level (the same crop, flip and erasing draws; the flip comes before
+  the resize instead of after). A crop larger than the canvas is resized on the host.
+  Resume stays exact."""
+  from riformer_jax.data import device_augment  # noqa: PLC0415
+  train = sources.get_source("folder", "train", data_dir=folder)
+  recipe = augment.TrainAugment(size=32, re_prob=0.5, auto_augment=None)
+  run = dict(global_batch_size=6, seed=1, num_steps=3, uint8=True)
+  host = _take(pipeline.train_batches(train, recipe=recipe, **run))
+  framed = _take(pipeline.train_batches(train, recipe=recipe._replace(canvas=40), **run))
+  resize = jax.jit(device_augment.resize_windows, static_argnums=2)
+  big = 0
+  for h, f in zip(host, framed):
+    assert f["image"].shape == (6, 40, 40, 3) and f["size"].shape == (6, 2)
+    np.testing.assert_array_equal(f["erase"], h["erase"])
+    np.testing.assert_array_equal(f["label"], h["label"])
+    for image, (height, width) in zip(f["image"], f["size"]):
+      assert not image[height:].any() and not image[:, width:].any()
+      big += (height, width) == (32, 32)
+    resized = np.asarray(resize(f["image"], f["size"], 32)).astype(int)
+    assert np.abs(resized - h["image"].astype(int)).max() <= 1
+  assert big > 0  # some crops of the 40-55 px files were larger than 40: resized here
+  resumed = _take(pipeline.train_batches(train, recipe=recipe._replace(canvas=40),
+                                         start_step=2, **dict(run, num_steps=1)))
+  for key in ("image", "size", "erase", "label"):
+    np.testing.assert_array_equal(resumed[0][key], framed[2][key])
+  with pytest.raises(ValueError, match="needs uint8 batches and its RandAugment"):
+    _take(pipeline.train_batches(train, recipe=recipe._replace(canvas=40),
+                                 **dict(run, uint8=False)))
+
+
 def test_large_jpeg_crops_decode_at_a_reduced_dct_scale():
   """min_side: the window of the 1/2-scale decode, and a resized crop close to the
   full-resolution one (the scaled IDCT is a slightly different low-pass)."""

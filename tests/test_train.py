@@ -408,16 +408,23 @@ def test_bad_configuration_is_named(tmp_path):
       **{"aug.auto_augment": "original", "data.uint8_batches": False})
   assert "config.aug.auto_augment='rand-q9': unknown RandAugment section 'q9'" in fault(
       **{"aug.auto_augment": "rand-q9"})
+  assert "config.aug.resize_on='device' needs RandAugment/AutoAugment after the resize" \
+      in fault(**{"aug.auto_augment": "original", "aug.auto_augment_on": "host",
+                  "aug.resize_on": "device"})
+  assert "config.aug.canvas=16 is smaller than config.resolution=32" in fault(
+      **{"aug.resize_on": "device", "aug.canvas": 16})
 
 
 def test_device_augmentation_and_erasing_train_and_resume_exactly(straight, tmp_path):
-  """The paper's recipe: RandAugment and random erasing, both in the jitted step on
-  uint8 batches (the host crops and flips). The run finishes, they changed what it
-  trained on (the same seed without them is the straight run), and a run resumed from
-  its step-4 checkpoint ends with the same params, bit for bit: the step's draws are
-  a function of (seed, step)."""
-  config = tiny_config(log_every_steps=4, **{"aug.re_prob": 0.5,
-                                             "aug.auto_augment": "rand-m9-mstd0.5-inc1"})
+  """The paper's recipe as ImageNet configs run it: the host decodes and crops, the
+  jitted step resizes the crop from its canvas, applies RandAugment and erases, on
+  uint8 batches. The run finishes, the device work changed what it trained on (the
+  same seed without it is the straight run), and a run resumed from its step-4
+  checkpoint ends with the same params, bit for bit: the step's draws are a function
+  of (seed, step)."""
+  config = tiny_config(log_every_steps=4, **{
+      "aug.re_prob": 0.5, "aug.auto_augment": "rand-m9-mstd0.5-inc1",
+      "aug.resize_on": "device", "aug.canvas": 96})
   assert config.data.uint8_batches and config.aug.auto_augment_on == "device"
   final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final["student/top1"] == final["deploy/top1"]

@@ -19,6 +19,7 @@ vary with the CPU and its load.
 """
 
 import argparse
+import gc
 import glob
 import io
 import json
@@ -33,18 +34,29 @@ import numpy as np
 _SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (400, 300), (281, 500))
 _PAPER = "rand-m9-mstd0.5-inc1"
 
-# (row, our recipe and batch format, timm's transform; None: the evaluation transform).
+# Each row: (name, our side, timm's side); None: the evaluation transform. Both sides
+# do the same work on the host unless the name says otherwise. "uint8 out": the host
+# stops before normalising and erasing, which run on the device (our jitted step;
+# timm's `use_prefetcher=True` transforms, whose PrefetchLoader does both on the GPU).
+# Ours: recipe fields, `uint8` batches; timm: create_transform's arguments.
 ROWS = (
-    ("decode + random-resized crop + flip", dict(auto_augment=None, re_prob=0.0)),
-    ("+ RandAugment rand-m9-mstd0.5-inc1", dict(auto_augment=_PAPER, re_prob=0.0)),
-    ("+ AutoAugment original (instead of RA)", dict(auto_augment="original", re_prob=0.0)),
-    ("+ RandAugment + random erasing 0.25 (paper), float32 out",
-     dict(auto_augment=_PAPER, re_prob=0.25)),
-    ("paper's recipe, PIL's exact two-pass resize, float32 out",
-     dict(auto_augment=_PAPER, re_prob=0.25, exact_resize=True)),
-    ("paper's recipe, uint8 out (normalise + erase in the step)",
-     dict(auto_augment=_PAPER, re_prob=0.25, uint8=True)),
-    ("evaluation: resize 248, center crop 224", None),
+    ("decode + random-resized crop + flip, uint8 out",
+     dict(auto_augment=None, re_prob=0.0, uint8=True),
+     dict(auto_augment=None, re_prob=0.0, use_prefetcher=True)),
+    ("+ RandAugment rand-m9-mstd0.5-inc1 on the host, uint8 out",
+     dict(auto_augment=_PAPER, re_prob=0.25, uint8=True),
+     dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=True)),
+    ("+ AutoAugment original on the host, uint8 out",
+     dict(auto_augment="original", re_prob=0.25, uint8=True),
+     dict(auto_augment="original", re_prob=0.25, use_prefetcher=True)),
+    ("paper's recipe all on the host (RA, normalise, erase), float32 out",
+     dict(auto_augment=_PAPER, re_prob=0.25),
+     dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=False)),
+    ("paper's recipe as each trains by default: ours RA on the device, timm RA on the "
+     "host; uint8 out",
+     dict(auto_augment=None, re_prob=0.25, uint8=True),
+     dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=True)),
+    ("evaluation: resize 248, centre crop 224, uint8 out", None, None),
 )
 
 
@@ -88,25 +100,27 @@ def _timed(next_batch, batch_size, seconds, warmup=2):
 
 
 def _ours(root, names, threads, batch_size, size):
-  """{row: next batch} of our pipeline with `threads` tf.data threads."""
+  """{row: a function that starts a fresh iterator and returns its next-batch
+  function} of our pipeline with `threads` tf.data threads. Fresh for each timed cell,
+  and dropped after it: a live tf.data iterator keeps refilling its buffers on the
+  pinned cores, which would slow timm's cell that follows."""
   from riformer_jax.data import augment, pipeline, sources  # pylint: disable=g-import-not-at-top
   source = sources.get_source("folder", "train", data_dir=root)
-  iterators = {}
-  for name, spec in ROWS:
-    if name not in names:
-      continue
+
+  def start(spec):
     if spec is None:
-      iterators[name] = pipeline.eval_dataset(
+      iterator = pipeline.eval_dataset(
           source, global_batch_size=batch_size, size=size, crop_pct=0.9, process_index=0,
-          process_count=1, num_threads=threads).repeat().as_numpy_iterator()
-      continue
-    spec = dict(spec)
-    uint8 = spec.pop("uint8", False)
-    iterators[name] = pipeline.train_batches(
-        source, global_batch_size=batch_size, seed=0, recipe=augment.TrainAugment(
-            size=size, **spec), process_index=0, process_count=1, num_threads=threads,
-        uint8=uint8)
-  return {name: (lambda it=it: next(it)) for name, it in iterators.items()}
+          process_count=1, num_threads=threads, normalize=False).repeat().as_numpy_iterator()
+    else:
+      spec = dict(spec)
+      uint8 = spec.pop("uint8", False)
+      iterator = pipeline.train_batches(
+          source, global_batch_size=batch_size, seed=0, recipe=augment.TrainAugment(
+              size=size, **spec), process_index=0, process_count=1, num_threads=threads,
+          uint8=uint8)
+    return lambda: next(iterator)
+  return {name: (lambda spec=ours: start(spec)) for name, ours, _ in ROWS if name in names}
 
 
 def _timm(root, names, batch_size, size):
@@ -139,20 +153,21 @@ def _timm(root, names, batch_size, size):
       with open(path, "rb") as f:  # timm's ImageDataset: open, PIL, convert("RGB")
         image = Image.open(f).convert("RGB")
       images.append(transform(image))
+    if isinstance(images[0], np.ndarray):  # use_prefetcher: uint8, timm's fast_collate
+      return torch.from_numpy(np.stack(images))
     return torch.stack(images)  # DataLoader's default_collate
 
   functions = {}
-  for name, spec in ROWS:
+  for name, _, spec in ROWS:
     if name not in names:
       continue
     if spec is None:
       transform = create_transform(size, is_training=False, interpolation="bicubic",
-                                   crop_pct=0.9)
+                                   crop_pct=0.9, use_prefetcher=True)
     else:
-      transform = create_transform(
-          size, is_training=True, auto_augment=spec["auto_augment"],
-          re_prob=spec["re_prob"], re_mode="pixel", interpolation="bicubic")
-    functions[name] = lambda t=transform: batch_of(t)
+      transform = create_transform(size, is_training=True, re_mode="pixel",
+                                   interpolation="bicubic", **spec)
+    functions[name] = lambda t=transform: (lambda: batch_of(t))
   return functions
 
 
@@ -176,7 +191,11 @@ def _worker(connection, side, cores, root, names, batch_size, size):
         connection.send(breakdown(root, size, *request[1:]))
       else:
         _, row, seconds = request
-        connection.send(_timed(rows[row], batch_size, seconds))
+        next_batch = rows[row]()
+        rate = _timed(next_batch, batch_size, seconds)
+        del next_batch  # our iterator's threads stop before the other side's cell
+        gc.collect()
+        connection.send(rate)
     except Exception as e:  # pylint: disable=broad-except
       connection.send(RuntimeError(f"{side} pipeline, {request[:2]}: {type(e).__name__}: {e}"))
 
@@ -231,10 +250,10 @@ def run(cores=(1, None), images=96, seconds=8.0, rounds=2, batch_size=32, size=2
         rows=None):
   """Measured rows: [{row, cores, ours, timm, ratio, ours_rounds, timm_rounds}]."""
   available = sorted(os.sched_getaffinity(0))
-  names = [name for name, _ in ROWS if rows is None or name in rows]
+  names = [name for name, _, _ in ROWS if rows is None or name in rows]
   if rows is not None and len(names) != len(rows):
     raise ValueError(f"unknown rows {sorted(set(rows) - set(names))}; known: "
-                     f"{[name for name, _ in ROWS]}")
+                     f"{[name for name, _, _ in ROWS]}")
   results = []
   with tempfile.TemporaryDirectory() as root:
     write_jpegs(root, images)

@@ -560,6 +560,11 @@ class TrainAugment(NamedTuple):
   # DCT scaling; decode.decode_image). Off by default: pixels differ a little
   # from timm's full decode, and ImageNet's ~400x350 images rarely give such crops.
   reduced_dct: bool = False
+  # > 0: the host stops after the crop and flip and sends the decoded window in a
+  # `canvas` x `canvas` uint8 frame with its size, for the jitted step to resize
+  # (`device_augment.resize_windows`) and augment; windows larger than the frame are
+  # resized here. Needs uint8 batches and no RandAugment/AutoAugment on the host.
+  canvas: int = 0
 
   def fill(self):
     return tuple(min(255, round(255 * m)) for m in self.mean)
@@ -601,3 +606,26 @@ def augment_cropped(seed, crop, recipe: TrainAugment, uint8=False):
   if recipe.re_prob > 0:
     image = random_erasing(erase_seed, image, recipe.re_prob, mode=recipe.re_mode)
   return tf.ensure_shape(image, [recipe.size, recipe.size, 3])
+
+
+def crop_in_canvas(seed, crop, recipe: TrainAugment):
+  """The host's part of the recipe when the step resizes (`recipe.canvas`): the crop
+  flipped (the same draw as `augment_cropped`'s, before the resize instead of after:
+  the kernel is symmetric), zero-padded at the bottom and right to the canvas, its
+  (height, width), and the random-erasing box `augment_cropped` would draw. A crop
+  larger than the canvas is resized here to `recipe.size` (its size then says so)."""
+  flip_seed, _, erase_seed = tf.unstack(split_seed(seed, 3))
+  if recipe.hflip > 0:
+    crop = random_flip(flip_seed, crop, recipe.hflip)
+  shape = tf.shape(crop)
+  fits = (shape[0] <= recipe.canvas) & (shape[1] <= recipe.canvas)
+  window = tf.cond(fits, lambda: crop, lambda: resize(
+      crop, [recipe.size, recipe.size], recipe.interpolation, exact=recipe.exact_resize))
+  size = tf.shape(window)[:2]
+  framed = tf.pad(window, [[0, recipe.canvas - size[0]], [0, recipe.canvas - size[1]],
+                           [0, 0]])
+  box = tf.zeros([4], tf.int32)
+  if recipe.re_prob > 0:
+    box = random_erasing_box(_erasing_seeds(erase_seed)[0], recipe.size, recipe.size,
+                             recipe.re_prob)
+  return tf.ensure_shape(framed, [recipe.canvas, recipe.canvas, 3]), size, box

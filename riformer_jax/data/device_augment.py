@@ -342,3 +342,51 @@ def auto_augment(key, images, spec, fill: Sequence[int] = policies.FILL):
   or a `Plan`) on a uint8 batch, every image with its own draws from `key`."""
   the_plan = spec if isinstance(spec, Plan) else plan(spec)
   return apply(images, sample(key, images.shape[0], the_plan), the_plan, fill)
+
+
+# ---------------------------------------------------------------- the crop's resize
+
+
+def _bicubic(x):
+  """PIL's bicubic filter (Keys, a = -0.5)."""
+  x = jnp.abs(x)
+  a = -0.5
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
+
+
+def _resize_weights(in_size, out_size, canvas):
+  """PIL's resampling coefficients for `in_size` (traced) -> `out_size` samples, as a
+  dense [out_size, canvas] matrix: the kernel widened by the scale when shrinking
+  (antialiasing), cut to the taps PIL uses inside [0, in_size) and normalised; the
+  canvas's padding beyond `in_size` gets weight 0."""
+  in_f = in_size.astype(jnp.float32)
+  scale = in_f / out_size
+  filter_scale = jnp.maximum(scale, 1.0)
+  support = 2.0 * filter_scale
+  centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  first = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
+  stop = jnp.minimum(jnp.floor(centre + support + 0.5), in_f)
+  taps = jnp.arange(canvas, dtype=jnp.float32)[None, :]
+  weights = _bicubic((taps - centre[:, None] + 0.5) / filter_scale)
+  weights = jnp.where((taps >= first[:, None]) & (taps < stop[:, None]), weights, 0.0)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_windows(canvases, sizes, out_size: int):
+  """Each image's window [0:h, 0:w] of its uint8 canvas [B, C, C, 3] (`sizes` int32
+  [B, 2] = (h, w)) resized to `out_size` square with PIL's bicubic kernel and
+  antialiasing, as the host path's one float pass (`augment.resize(exact=False)`);
+  uint8 out. Two matrix products per image with exact float32 (`HIGHEST`: no
+  TF32/bfloat16 passes on GPU/TPU)."""
+  canvas = canvases.shape[1]
+
+  def one(image, size):
+    rows = _resize_weights(size[0], out_size, canvas)
+    cols = _resize_weights(size[1], out_size, canvas)
+    x = image.astype(jnp.float32)
+    x = jnp.einsum("oh,hwc->owc", rows, x, precision=jax.lax.Precision.HIGHEST)
+    x = jnp.einsum("pw,owc->opc", cols, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.clip(jnp.round(x), 0.0, 255.0).astype(jnp.uint8)
+  return jax.vmap(one)(canvases, sizes)

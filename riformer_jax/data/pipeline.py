@@ -85,6 +85,9 @@ def _preprocess_train(source, payload, label, key, recipe, uint8):
                                               recipe.ratio)
 
   image = source.decode(payload, window, recipe.size if recipe.reduced_dct else None)
+  if recipe.canvas:
+    image, size, box = augment.crop_in_canvas(aug_key, image, recipe)
+    return {"image": image, "size": size, "erase": box, "label": label}
   if uint8:
     image, box = augment.augment_cropped(aug_key, image, recipe, uint8=True)
     return {"image": image, "erase": box, "label": label}
@@ -171,6 +174,10 @@ def _unless_skipped(index, skipped, decoded, placeholder):
 def _placeholder(recipe, uint8):
   """What an unreadable training example holds until `_stand_in_for_unreadable`."""
   size = recipe.size
+  if recipe.canvas:
+    return {"image": tf.zeros([recipe.canvas, recipe.canvas, 3], tf.uint8),
+            "size": tf.constant([size, size], tf.int32), "erase": tf.zeros([4], tf.int32),
+            "label": tf.constant(-1, tf.int32)}
   if uint8:
     return {"image": tf.zeros([size, size, 3], tf.uint8), "erase": tf.zeros([4], tf.int32),
             "label": tf.constant(-1, tf.int32)}
@@ -318,9 +325,14 @@ def train_batches(source: sources.Source, *, global_batch_size: int, seed: int,
   uninterrupted run yields from step k on. An example that cannot be read is replaced
   by a copy of another of its batch and goes to `unreadable` (by default an
   `UnreadableExamples` of `source` that logs to stdout). `uint8`: as in
-  `train_dataset`.
+  `train_dataset`. With `recipe.canvas`, "image" is uint8 [B, canvas, canvas, 3], the
+  flipped crops unresized, and "size" int32 [B, 2] their (height, width), for
+  `device_augment.resize_windows` in the step.
   """
   process_index, process_count = _host(process_index, process_count)
+  if recipe.canvas and (not uint8 or recipe.auto_augment):
+    raise ValueError("a recipe with a canvas (the step resizes) needs uint8 batches and "
+                     "its RandAugment/AutoAugment in the step")
   unreadable = unreadable or UnreadableExamples(source)
   if not source.random_access:
     yield from _sequential_train_batches(

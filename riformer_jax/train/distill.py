@@ -73,6 +73,7 @@ class FinishConfig:
   erase_mode: Optional[str] = "pixel"  # None: the recipe erases nothing
   auto_augment: Optional[device_augment.Plan] = None
   fill: Sequence[int] = policies.FILL
+  resize_to: int = 0  # the side windows in canvases are resized to (`window_sizes`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,17 +169,21 @@ class Distiller:
     return total, (terms, correct)
 
   def train_step(self, state, images, labels, weights, rng, logit_teacher=None,
-                 feature_teacher=None, erase_boxes=None):
+                 feature_teacher=None, erase_boxes=None, window_sizes=None):
     """One optimizer update on a global batch; returns (new state, metrics).
 
     `weights` maps every name in TERMS to a float32 scalar (traced: changing them
     does not recompile). `rng` is the run's base key; the step folds its count in.
-    uint8 `images` are finished first (augmented where `finish.auto_augment` says, then
-    normalised and erased with `erase_boxes`, int32 [B, 4]).
+    uint8 `images` are finished first: with `window_sizes` (int32 [B, 2]) they are
+    canvases whose windows are resized to `finish.resize_to` first; then augmented
+    where `finish.auto_augment` says, normalised and erased with `erase_boxes`, int32
+    [B, 4].
     """
     step_rng = jax.random.fold_in(rng, state.step)
     mix_rng, dropout_rng = jax.random.split(step_rng)
     if images.dtype == jnp.uint8:
+      if window_sizes is not None:
+        images = device_augment.resize_windows(images, window_sizes, self.finish.resize_to)
       if self.finish.auto_augment is not None:
         images = device_augment.auto_augment(
             jax.random.fold_in(step_rng, _AUGMENT_STREAM), images,

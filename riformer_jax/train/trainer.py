@@ -131,7 +131,8 @@ def make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher
       shared_teacher=shared_teacher, accum_steps=config.accum_steps,
       ema_decay=config.ema_decay, schedule=schedule,
       finish=distill.FinishConfig(erase_mode="pixel" if config.aug.re_prob > 0 else None,
-                                  auto_augment=device_augment_plan(config)))
+                                  auto_augment=device_augment_plan(config),
+                                  resize_to=config.resolution))
 
 
 def eval_functions(config, student, deploy):
@@ -242,6 +243,29 @@ def device_augment_plan(config):
   return plan
 
 
+def canvas_size(config):
+  """The canvas the host sends crops in for the step to resize
+  (`config.aug.resize_on="device"`), or 0 where the host resizes; a placement that
+  cannot work is a `RunError` naming the fields."""
+  where = config.aug.resize_on
+  if where not in ("device", "host"):
+    raise faults.RunError(f"config.aug.resize_on={where!r}: expected 'device' (in the "
+                          "jitted train step) or 'host' (in tf.data)")
+  if where == "host":
+    return 0
+  if not config.data.uint8_batches:
+    raise faults.RunError("config.aug.resize_on='device' resizes uint8 batches: set "
+                          "config.data.uint8_batches=True (or resize_on='host')")
+  if config.aug.auto_augment and config.aug.auto_augment_on != "device":
+    raise faults.RunError("config.aug.resize_on='device' needs RandAugment/AutoAugment "
+                          "after the resize, in the step: set config.aug.auto_augment_on"
+                          "='device' (or resize_on='host')")
+  if config.aug.canvas < config.resolution:
+    raise faults.RunError(f"config.aug.canvas={config.aug.canvas} is smaller than "
+                          f"config.resolution={config.resolution}")
+  return config.aug.canvas
+
+
 def open_sources(config):
   """(train source, eval source); a missing data set is a `RunError` saying how to get
   it."""
@@ -337,9 +361,10 @@ def jit_train_step(config, mesh, distiller, watch, placed):
   feature teacher, erase boxes) -> (state, health, metrics)`. It carries the
   non-finite watch beside the state (not in checkpoints) and donates both."""
   def step_fn(state, health, images, labels, weights, rng, logit_teacher, feature_teacher,
-              erase_boxes):
+              erase_boxes, window_sizes):
     new_state, metrics = distiller.train_step(state, images, labels, weights, rng,
-                                              logit_teacher, feature_teacher, erase_boxes)
+                                              logit_teacher, feature_teacher, erase_boxes,
+                                              window_sizes)
     return new_state, watch.update(health, metrics, new_state.step), metrics
 
   data, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
@@ -348,7 +373,8 @@ def jit_train_step(config, mesh, distiller, watch, placed):
       step_fn, donate_argnums=(0, 1),
       in_shardings=(placed.state_shardings, replicated, data, data, None, None,
                     logit and placed.shard(logit), feature and placed.shard(feature),
-                    data if config.data.uint8_batches else None),
+                    data if config.data.uint8_batches else None,
+                    data if canvas_size(config) else None),
       out_shardings=(placed.state_shardings, replicated, None))
 
 
@@ -360,7 +386,7 @@ def train_batches(config, train_source, mesh, start, total_steps, unreadable):
       hflip=config.aug.hflip,
       auto_augment=None if device_augment_plan(config) else config.aug.auto_augment or None,
       re_prob=config.aug.re_prob, exact_resize=config.aug.exact_resize,
-      reduced_dct=config.aug.reduced_dct)
+      reduced_dct=config.aug.reduced_dct, canvas=canvas_size(config))
   return parallel.global_batches(pipeline.train_batches(
       train_source, global_batch_size=config.batch_size, seed=config.seed, recipe=recipe,
       start_step=start, num_steps=total_steps - start,
@@ -395,6 +421,7 @@ def _train_and_evaluate(config, workdir, accept_changes):
   # Everything that can fault comes first, before any compilation.
   check_batch_split(config)
   device_augment_plan(config)  # a bad spec or placement stops here, before any work
+  canvas_size(config)
   checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
   for change in checkpointing.record_config(workdir, config, checkpoints.any(),
                                             accept_changes):
@@ -454,7 +481,7 @@ def _train_and_evaluate(config, workdir, accept_changes):
         raise faults.RunError(f"step {step}: {e}") from e
       weights = loss_weights(config, step / steps_per_epoch)
       args = (batch["image"], batch["label"], weights, rng, placed.teachers["logit"],
-              placed.step_feature_teacher, batch.get("erase"))
+              placed.step_feature_teacher, batch.get("erase"), batch.get("size"))
       if step == start:  # ahead of time, to log how long compiling took
         compile_start = time.perf_counter()
         train_step = train_step.lower(state, health, *args).compile()
