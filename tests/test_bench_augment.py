@@ -12,7 +12,10 @@ def test_the_augmentation_s_share_of_the_step_is_read_from_xla():
   rows = augment_cost.step_costs("s12", batch=4, resolution=32,
                                  logit_teacher="poolformer_s12", dtype="float32",
                                  overrides=TINY)
-  assert [r["spec"] for r in rows] == [None, *augment_cost.SPECS]
+  assert [(r["spec"], r["resize"]) for r in rows] == [
+      (None, False), *((spec, False) for spec in augment_cost.SPECS),
+      (augment_cost.SPECS[0], True)]
+  assert rows[-1]["input_bytes_per_image"] == 512 * 512 * 3
   plain = rows[0]
   assert plain["step_flops"] > 0 and plain["step_bytes"] > 0
   for row in rows[1:]:
@@ -23,5 +26,5 @@ def test_the_augmentation_s_share_of_the_step_is_read_from_xla():
         row["step_flops"] / plain["step_flops"] - 1)
     assert row["augment_flops_fraction"] == pytest.approx(
         row["augment_flops"] / plain["step_flops"])
-  times = augment_cost.wall_times(batch=2, resolution=32, repeats=1)
-  assert set(times) == set(augment_cost.SPECS) and all(t > 0 for t in times.values())
+  times = augment_cost.wall_times(batch=2, resolution=32, repeats=1, canvas=64)
+  assert len(times) == 3 and all(t > 0 for t in times.values())

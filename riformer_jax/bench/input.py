@@ -13,7 +13,11 @@ transform. Each side runs in worker processes pinned to the measured cores
 (`sched_setaffinity`): ours as one process with a tf.data pool of that many threads,
 timm's as one process per core with `torch.set_num_threads(1)`, as DataLoader
 workers are. Rows alternate between the two sides, round after round, so both see the
-same machine; the ratio column is ours / timm's. timm and torch are development
+same machine; the ratio column is ours / timm's. Our side starts a fresh iterator for
+each timed cell and drops it after, so its threads are idle while timm's cell runs.
+Rows do the same work on both sides unless their name says otherwise (`ROWS`): "uint8
+out" rows stop before normalising and erasing on both (timm's `use_prefetcher=True`
+transforms leave them to its GPU PrefetchLoader, ours to the jitted step). timm and torch are development
 dependencies (requirements-dev.txt). This is a benchmark, not a test: the numbers
 vary with the CPU and its load.
 """
@@ -52,9 +56,14 @@ ROWS = (
     ("paper's recipe all on the host (RA, normalise, erase), float32 out",
      dict(auto_augment=_PAPER, re_prob=0.25),
      dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=False)),
-    ("paper's recipe as each trains by default: ours RA on the device, timm RA on the "
-     "host; uint8 out",
+    ("paper's recipe, ours with RandAugment on the device (host: decode, crop, resize, "
+     "flip), timm's on the host; uint8 out",
      dict(auto_augment=None, re_prob=0.25, uint8=True),
+     dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=True)),
+    ("paper's recipe as each trains by default: ours with the resize and RandAugment on "
+     "the device (host: decode the crop, flip, 512 canvas), timm's all on the host; "
+     "uint8 out",
+     dict(auto_augment=None, re_prob=0.25, uint8=True, canvas=512),
      dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=True)),
     ("evaluation: resize 248, centre crop 224, uint8 out", None, None),
 )

@@ -65,6 +65,11 @@ class Source:
   def describe(self, index) -> str:
     return f"{self.name}/{self.split} example {index}"
 
+  def encoded(self, payload):
+    """The payload's encoded image bytes (a string tensor), or None where the source
+    holds decoded images: the evaluation decodes a JPEG's crop window only."""
+    return payload if payload.dtype == tf.string else None
+
   def check(self, index) -> Optional[str]:
     """A reason why example `index` cannot be decoded, or None (slow; on errors)."""
     try:
@@ -231,6 +236,9 @@ class FolderSource(Source):
 
   def describe(self, index):
     return self.paths[index]
+
+  def encoded(self, payload):
+    return tf.io.read_file(payload[0])
 
 
 def _tfds():
