@@ -54,6 +54,17 @@ def test_the_targets_name_the_best_artifacts_and_their_ratios():
                     "PoolFormer-S9 19.0 ms, PoolFormer-XS12 21.0 ms, PoolFormer 25.0 ms")
 
 
+def test_the_instruction_sets_come_from_cpuinfo():
+  x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n"
+  assert bench_edge.isa_from_cpuinfo(x86) == "AVX2, AVX-512, AVX-512 VNNI, AVX-512 BF16"
+  laptop = "flags\t\t: fpu sse avx2 fma\n"
+  assert bench_edge.isa_from_cpuinfo(laptop) == "AVX2"
+  arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n"
+  assert bench_edge.isa_from_cpuinfo(arm) == "NEON, NEON dot product, I8MM"
+  assert bench_edge.isa_from_cpuinfo("model name : x\n") == "unknown"
+  assert bench_edge.isa_from_cpuinfo("flags : fpu sse2\n").startswith("none of AVX2")
+
+
 @pytest.mark.slow
 def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
   path = tmp_path / "edge.json"
@@ -62,7 +73,9 @@ def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
   bench_edge.main(["--resolution", "64", "--threads", "1", "--rounds", "1",
                    "--calls", "1,1", "--large_batch", "2", "--calibration_images", "2",
                    "--workdir", str(tmp_path / "work"), "--json", str(path)])
-  rows = json.loads(path.read_text())["rows"]
+  report = json.loads(path.read_text())
+  rows = report["rows"]
+  assert report["isa"] == bench_edge.cpu_isa() != "unknown"
   runtimes = {(r["runtime"], r["precision"]) for r in rows}
   assert {("xla", "float32"), ("onnxruntime", "int8"), ("openvino", "int8"),
           ("litert", "float32"), ("PyTorch compile", "float32")} <= runtimes

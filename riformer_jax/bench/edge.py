@@ -306,6 +306,34 @@ def _cpu_name():
     return platform.processor()
 
 
+# cpuinfo flag -> name, for the instruction sets the runtimes' kernels choose by: int8
+# gains most with VNNI or AMX (x86) and the dot-product extensions (ARM).
+_ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+              ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX-512 BF16"),
+              ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"), ("asimd", "NEON"),
+              ("asimddp", "NEON dot product"), ("i8mm", "I8MM"), ("sve", "SVE"))
+
+
+def isa_from_cpuinfo(text):
+  """The instruction sets of `_ISA_FLAGS` that /proc/cpuinfo's flags (x86) or
+  Features (ARM) line lists, in that order; "unknown" where it has neither line."""
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      flags = set(value.split())
+      found = [name for flag, name in _ISA_FLAGS if flag in flags]
+      return ", ".join(found) or "none of " + ", ".join(n for _, n in _ISA_FLAGS)
+  return "unknown"
+
+
+def cpu_isa():
+  try:
+    with open("/proc/cpuinfo") as f:
+      return isa_from_cpuinfo(f.read())
+  except OSError:
+    return "unknown"
+
+
 def table(results, batches=(1, 16)):
   """Markdown: one row per (model, runtime, precision, threads), both batches."""
   small, large = batches
@@ -403,7 +431,7 @@ def main(argv=None):
   results = measure(args.size, args.resolution, batches, threads, args.rounds, calls,
                     args.calibration_images, args.workdir,
                     log=lambda m: print(m, flush=True), table8=args.table8)
-  print(f"\n{_cpu_name()}, {len(os.sched_getaffinity(0))} cores; {args.size} at "
+  print(f"\n{_cpu_name()} ({cpu_isa()}), {len(os.sched_getaffinity(0))} cores; {args.size} at "
         f"{args.resolution} px; {args.rounds} rounds, interleaved; "
         f"{time.perf_counter() - start:.0f} s in all")
   print(table(results, batches))
@@ -411,7 +439,7 @@ def main(argv=None):
   print(targets(results))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
+      json.dump({"cpu": _cpu_name(), "isa": cpu_isa(), "cores": len(os.sched_getaffinity(0)),
                  "versions": runtimes.package_versions(
                      ("jax", "onnxruntime", "openvino", "ai-edge-litert",
                       "tensorflow-cpu", "torch", "timm", "mmpretrain")), "args": vars(args), "rows": results}, f,
