@@ -169,6 +169,27 @@ def test_canvas_batches_leave_the_resize_to_the_step(folder):
                                  **dict(run, uint8=False)))
 
 
+def test_eval_batches_for_the_step_to_resize(folder):
+  """eval_batches(canvas=...): JPEG windows and PNG crops in canvases with their
+  geometry; resized in the step they are the host's uint8 crops (PNGs exactly, JPEG
+  windows within the float rounding of a few values)."""
+  from riformer_jax.data import device_augment  # noqa: PLC0415
+  val = sources.get_source("folder", "val", data_dir=folder)
+  run = dict(global_batch_size=9, size=24, crop_pct=0.875, normalize=False)
+  (host,) = _take(pipeline.eval_batches(val, **run))
+  (framed,) = _take(pipeline.eval_batches(val, canvas=64, **run))
+  assert framed["image"].shape == (9, 64, 64, 3) and framed["geometry"].shape == (9, 8)
+  for key in ("label", "mask", "unreadable"):
+    np.testing.assert_array_equal(framed[key], host[key])
+  resized = np.asarray(jax.jit(device_augment.resize_eval_windows, static_argnums=2)(
+      framed["image"], framed["geometry"], 24)).astype(int)
+  difference = np.abs(resized - host["image"].astype(int))
+  assert difference.max() <= 2 and (difference > 0).mean() < 0.01
+  pngs = [i for i, path in enumerate(val.paths) if path.endswith(".png")]
+  assert pngs and all(tuple(framed["geometry"][i]) == (24,) * 4 + (0,) * 4 for i in pngs)
+  np.testing.assert_array_equal(resized[pngs], host["image"][pngs])
+
+
 def test_large_jpeg_crops_decode_at_a_reduced_dct_scale():
   """min_side: the window of the 1/2-scale decode, and a resized crop close to the
   full-resolution one (the scaled IDCT is a slightly different low-pass)."""
@@ -474,6 +495,8 @@ def test_eval_preprocessing_matches_timm_on_jpegs(tmp_path):
   std = np.array(imagenet.STD) * 255
   run = tf.function(lambda data: pipeline.eval_preprocess(
       decode.decode_image(data), 224, 0.9))
+  from riformer_jax.data import device_augment  # noqa: PLC0415
+  resize_eval = jax.jit(device_augment.resize_eval_windows, static_argnums=2)
   # What eval_batches runs on encoded images: the JPEG's crop window only.
   window = tf.function(lambda data: pipeline.eval_preprocess_encoded(
       data, decode.decode_image, 224, 0.9, normalize=False))
@@ -487,7 +510,14 @@ def test_eval_preprocessing_matches_timm_on_jpegs(tmp_path):
       theirs = transform(image.convert("RGB")).numpy().transpose(1, 2, 0)
     windowed = pipeline.eval_preprocess_encoded(
         data, decode.decode_image, 224, 0.9).numpy()
-    for ours in (run(data).numpy(), windowed):
+    # And with the step resizing: the window in a canvas, resized by JAX.
+    piece, geometry = pipeline.eval_window_for_the_step(data, decode.decode_image, 224,
+                                                        0.9, 512)
+    canvas = np.zeros((1, 512, 512, 3), np.uint8)
+    canvas[0, :piece.shape[0], :piece.shape[1]] = piece.numpy()
+    on_device = np.asarray(resize_eval(canvas, geometry.numpy()[None], 224))[0]
+    assert piece.shape[0] < height or (height, width) == (224, 224)  # a window, decoded
+    for ours in (run(data).numpy(), windowed, augment.normalize(on_device).numpy()):
       levels = np.abs(ours - theirs) * std  # in units of 1/255 of the input range
       worst.append(levels.max())
       assert levels.mean() < 0.06

@@ -640,8 +640,11 @@ def test_an_image_that_breaks_mid_run_is_skipped_counted_and_reported(tmp_path, 
   monkeypatch.setattr(sources, "_scan_file", lambda path: sources._Scan(path))
   for path in broken:
     path.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9")
+  # The crops and the evaluation's windows resized in the step (ImageNet's default):
+  # unreadable rows then stand in as canvases too.
   data = {"data.dataset": "folder", "data.data_dir": str(tmp_path / "data"),
-          "model.num_classes": 2, "total_steps": 4, "log_every_steps": 2}
+          "model.num_classes": 2, "total_steps": 4, "log_every_steps": 2,
+          "aug.resize_on": "device", "aug.canvas": 48}
   final, output = train_here(tmp_path / "run", capsys, **data,
                              **{"data.max_bad_fraction": 0.05})
   assert isinstance(final, dict), final

@@ -608,12 +608,13 @@ def augment_cropped(seed, crop, recipe: TrainAugment, uint8=False):
   return tf.ensure_shape(image, [recipe.size, recipe.size, 3])
 
 
-def crop_in_canvas(seed, crop, recipe: TrainAugment):
+def crop_for_the_step(seed, crop, recipe: TrainAugment):
   """The host's part of the recipe when the step resizes (`recipe.canvas`): the crop
   flipped (the same draw as `augment_cropped`'s, before the resize instead of after:
-  the kernel is symmetric), zero-padded at the bottom and right to the canvas, its
-  (height, width), and the random-erasing box `augment_cropped` would draw. A crop
-  larger than the canvas is resized here to `recipe.size` (its size then says so)."""
+  the kernel is symmetric), its (height, width), and the random-erasing box
+  `augment_cropped` would draw. A crop larger than the canvas is resized here to
+  `recipe.size` (its size then says so). The pipeline's `padded_batch` puts it in the
+  canvas (zeros at the bottom and right): one copy instead of a pad and a batch."""
   flip_seed, _, erase_seed = tf.unstack(split_seed(seed, 3))
   if recipe.hflip > 0:
     crop = random_flip(flip_seed, crop, recipe.hflip)
@@ -621,11 +622,8 @@ def crop_in_canvas(seed, crop, recipe: TrainAugment):
   fits = (shape[0] <= recipe.canvas) & (shape[1] <= recipe.canvas)
   window = tf.cond(fits, lambda: crop, lambda: resize(
       crop, [recipe.size, recipe.size], recipe.interpolation, exact=recipe.exact_resize))
-  size = tf.shape(window)[:2]
-  framed = tf.pad(window, [[0, recipe.canvas - size[0]], [0, recipe.canvas - size[1]],
-                           [0, 0]])
   box = tf.zeros([4], tf.int32)
   if recipe.re_prob > 0:
     box = random_erasing_box(_erasing_seeds(erase_seed)[0], recipe.size, recipe.size,
                              recipe.re_prob)
-  return tf.ensure_shape(framed, [recipe.canvas, recipe.canvas, 3]), size, box
+  return tf.ensure_shape(window, [None, None, 3]), tf.shape(window)[:2], box

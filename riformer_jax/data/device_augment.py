@@ -356,22 +356,30 @@ def _bicubic(x):
   return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
 
 
-def _resize_weights(in_size, out_size, canvas):
-  """PIL's resampling coefficients for `in_size` (traced) -> `out_size` samples, as a
-  dense [out_size, canvas] matrix: the kernel widened by the scale when shrinking
-  (antialiasing), cut to the taps PIL uses inside [0, in_size) and normalised; the
-  canvas's padding beyond `in_size` gets weight 0."""
+def _resize_weights(in_size, out_total, out_count, canvas, first_output=0,
+                    window_start=0):
+  """PIL's resampling coefficients, as a dense [out_count, canvas] matrix, for output
+  samples [first_output, first_output + out_count) of resizing `in_size` input
+  samples to `out_total` (all traced int32), the input being the canvas's window that
+  starts at input sample `window_start`: the kernel widened by the scale when
+  shrinking (antialiasing), cut to the taps PIL uses inside [0, in_size) and
+  normalised; taps outside the window (the canvas's padding) get weight 0."""
   in_f = in_size.astype(jnp.float32)
-  scale = in_f / out_size
+  scale = in_f / jnp.asarray(out_total, jnp.float32)
   filter_scale = jnp.maximum(scale, 1.0)
   support = 2.0 * filter_scale
-  centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  centre = (jnp.arange(out_count, dtype=jnp.float32) + first_output + 0.5) * scale
   first = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
   stop = jnp.minimum(jnp.floor(centre + support + 0.5), in_f)
-  taps = jnp.arange(canvas, dtype=jnp.float32)[None, :]
+  taps = jnp.arange(canvas, dtype=jnp.float32)[None, :] + window_start
   weights = _bicubic((taps - centre[:, None] + 0.5) / filter_scale)
   weights = jnp.where((taps >= first[:, None]) & (taps < stop[:, None]), weights, 0.0)
   return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _pass(weights, x, axis):
+  spec = "oh,hwc->owc" if axis == 0 else "ow,hwc->hoc"
+  return jnp.einsum(spec, weights, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def resize_windows(canvases, sizes, out_size: int):
@@ -383,10 +391,26 @@ def resize_windows(canvases, sizes, out_size: int):
   canvas = canvases.shape[1]
 
   def one(image, size):
-    rows = _resize_weights(size[0], out_size, canvas)
-    cols = _resize_weights(size[1], out_size, canvas)
-    x = image.astype(jnp.float32)
-    x = jnp.einsum("oh,hwc->owc", rows, x, precision=jax.lax.Precision.HIGHEST)
-    x = jnp.einsum("pw,owc->opc", cols, x, precision=jax.lax.Precision.HIGHEST)
+    rows = _resize_weights(size[0], out_size, out_size, canvas)
+    cols = _resize_weights(size[1], out_size, out_size, canvas)
+    x = _pass(cols, _pass(rows, image.astype(jnp.float32), 0), 1)
     return jnp.clip(jnp.round(x), 0.0, 255.0).astype(jnp.uint8)
   return jax.vmap(one)(canvases, sizes)
+
+
+def resize_eval_windows(canvases, geometry, size: int):
+  """The evaluation's centre crops from their JPEG windows (`pipeline.eval_batches`
+  with a canvas): each image resized to (new_h, new_w) and cropped at (top, left) as
+  `pipeline.eval_preprocess` does, computing only the crop's `size` x `size` pixels,
+  in PIL's two passes (width first, rounded to uint8 between: timm's evaluation
+  parity). `geometry` int32 [B, 8]: (height, width, new_h, new_w, top, left, y0, x0),
+  the window starting at input pixel (y0, x0). uint8 out."""
+  canvas = canvases.shape[1]
+
+  def one(image, g):
+    height, width, new_h, new_w, top, left, y0, x0 = (g[i] for i in range(8))
+    cols = _resize_weights(width, new_w, size, canvas, left, x0)
+    rows = _resize_weights(height, new_h, size, canvas, top, y0)
+    x = jnp.clip(jnp.round(_pass(cols, image.astype(jnp.float32), 1)), 0.0, 255.0)
+    return jnp.clip(jnp.round(_pass(rows, x, 0)), 0.0, 255.0).astype(jnp.uint8)
+  return jax.vmap(one)(canvases, geometry)

@@ -86,7 +86,7 @@ def _preprocess_train(source, payload, label, key, recipe, uint8):
 
   image = source.decode(payload, window, recipe.size if recipe.reduced_dct else None)
   if recipe.canvas:
-    image, size, box = augment.crop_in_canvas(aug_key, image, recipe)
+    image, size, box = augment.crop_for_the_step(aug_key, image, recipe)
     return {"image": image, "size": size, "erase": box, "label": label}
   if uint8:
     image, box = augment.augment_cropped(aug_key, image, recipe, uint8=True)
@@ -142,10 +142,21 @@ def train_dataset(source: sources.Source, *, global_batch_size: int, seed: int,
 
   ds = tf.data.Dataset.range(start_step * host_batch, stop)
   ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(host_batch, drop_remainder=True)
+  ds = _batch(ds, host_batch, recipe.canvas)
   if skip:
     ds = ds.map(_stand_in_for_unreadable)
   return ds.prefetch(prefetch).with_options(_options(num_threads))
+
+
+def _batch(ds, host_batch, canvas=0):
+  """Batches; with a `canvas`, the images (windows for the step to resize) go into
+  their canvas here, zeros at the bottom and right: one copy, not a pad and a batch."""
+  if not canvas:
+    return ds.batch(host_batch, drop_remainder=True)
+  frame = tf.TensorShape([canvas, canvas, 3])
+  shapes = {key: frame if key == "image" else spec.shape
+            for key, spec in ds.element_spec.items()}
+  return ds.padded_batch(host_batch, padded_shapes=shapes, drop_remainder=True)
 
 
 # Unreadable examples. tf.data has no per-element try: an image that fails to read or
@@ -175,7 +186,7 @@ def _placeholder(recipe, uint8):
   """What an unreadable training example holds until `_stand_in_for_unreadable`."""
   size = recipe.size
   if recipe.canvas:
-    return {"image": tf.zeros([recipe.canvas, recipe.canvas, 3], tf.uint8),
+    return {"image": tf.zeros([size, size, 3], tf.uint8),
             "size": tf.constant([size, size], tf.int32), "erase": tf.zeros([4], tf.int32),
             "label": tf.constant(-1, tf.int32)}
   if uint8:
@@ -227,7 +238,7 @@ def _sequential_train_batches(source, global_batch_size, seed, recipe, start_ste
 
     ds = epoch_records.enumerate().skip(offset * host_batch).map(
         read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(host_batch, drop_remainder=True)
+    ds = _batch(ds, host_batch, recipe.canvas)
     if skip.get(epoch):
       ds = ds.map(_stand_in_for_unreadable)
     try:
@@ -425,16 +436,10 @@ def _eval_geometry(height, width, size, crop_pct):
   return new_h, new_w, top, left
 
 
-def _eval_jpeg_window(data, size, crop_pct):
-  """`eval_preprocess(decode(data))`'s uint8 crop of a JPEG, decoding and resizing only
-  what the crop needs: the input rows and columns under the centre crop (plus the
-  resampling kernel's reach) are decoded (`decode_and_crop_jpeg`), and each of PIL's
-  two passes (width first, uint8 rounding between) computes only the crop's output
-  pixels, by TensorFlow's same resampling op with a translation. Every output pixel
-  is computed from the same input pixels with the same kernel as resizing the whole
-  image and cropping; sample positions relative to the window round differently in
-  float32, which moves about one value in 10,000 by a level or two, and timm's parity
-  bounds hold unchanged (tests/test_input_pipeline.py)."""
+def _eval_jpeg_plan(data, size, crop_pct):
+  """For a JPEG: int32 (height, width, new_h, new_w, top, left, y0, x0, rows, cols):
+  its size, `eval_preprocess`'s resized size and crop offsets, and the window of input
+  pixels under the crop plus the resampling kernel's reach."""
   shape = tf.image.extract_jpeg_shape(data)
   height, width = shape[0], shape[1]
   new_h, new_w, top, left = _eval_geometry(height, width, size, crop_pct)
@@ -445,13 +450,33 @@ def _eval_jpeg_window(data, size, crop_pct):
     first = tf.floor((tf.cast(offset, tf.float32) + 0.5) / scale - 0.5 - reach)
     last = tf.math.ceil((tf.cast(offset + size, tf.float32) - 0.5) / scale - 0.5 + reach)
     first = tf.maximum(tf.cast(first, tf.int32), 0)
-    return first, tf.minimum(tf.cast(last, tf.int32) + 1, old) - first, scale
+    return first, tf.minimum(tf.cast(last, tf.int32) + 1, old) - first
 
-  y0, rows, scale_y = span(top, new_h, height)
-  x0, cols, scale_x = span(left, new_w, width)
-  window = tf.image.decode_and_crop_jpeg(data, tf.stack([y0, x0, rows, cols]), channels=3,
-                                         dct_method="INTEGER_ACCURATE")
-  x = tf.cast(window, tf.float32)[None]
+  y0, rows = span(top, new_h, height)
+  x0, cols = span(left, new_w, width)
+  return height, width, new_h, new_w, top, left, y0, x0, rows, cols
+
+
+def _decode_window(data, y0, x0, rows, cols):
+  return tf.image.decode_and_crop_jpeg(data, tf.stack([y0, x0, rows, cols]), channels=3,
+                                       dct_method="INTEGER_ACCURATE")
+
+
+def _eval_jpeg_window(data, size, crop_pct):
+  """`eval_preprocess(decode(data))`'s uint8 crop of a JPEG, decoding and resizing only
+  what the crop needs: the input rows and columns under the centre crop (plus the
+  resampling kernel's reach) are decoded (`decode_and_crop_jpeg`), and each of PIL's
+  two passes (width first, uint8 rounding between) computes only the crop's output
+  pixels, by TensorFlow's same resampling op with a translation. Every output pixel
+  is computed from the same input pixels with the same kernel as resizing the whole
+  image and cropping; sample positions relative to the window round differently in
+  float32, which moves about one value in 10,000 by a level or two, and timm's parity
+  bounds hold unchanged (tests/test_input_pipeline.py)."""
+  height, width, new_h, new_w, top, left, y0, x0, rows, cols = _eval_jpeg_plan(
+      data, size, crop_pct)
+  scale_y = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
+  scale_x = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
+  x = tf.cast(_decode_window(data, y0, x0, rows, cols), tf.float32)[None]
 
   def resample(x, out_size, scale, translation):
     return tf.raw_ops.ScaleAndTranslate(
@@ -465,6 +490,29 @@ def _eval_jpeg_window(data, size, crop_pct):
   x = resample(x, tf.constant([size, size]), tf.stack([scale_y, one]),
                tf.stack([tf.cast(y0, tf.float32) * scale_y - tf.cast(top, tf.float32), 0.0]))
   return tf.ensure_shape(augment.to_uint8(x[0]), [size, size, 3])
+
+
+def eval_window_for_the_step(data, decode_fn, size, crop_pct, canvas):
+  """The host's part of the evaluation when the step resizes: (uint8 window, int32
+  [8] geometry) for `device_augment.resize_eval_windows`. A JPEG whose window fits the
+  canvas sends the decoded window and (height, width, new_h, new_w, top, left, y0,
+  x0); anything else (other formats, windows too large) the finished crop with the
+  geometry of an identity resize."""
+  identity = tf.constant([size, size, size, size, 0, 0, 0, 0], tf.int32)
+
+  def whole():
+    return eval_preprocess(decode_fn(data), size, crop_pct, normalize=False), identity
+
+  if crop_pct is None:
+    return whole()
+
+  def jpeg():
+    plan = _eval_jpeg_plan(data, size, crop_pct)
+    rows, cols = plan[-2:]
+    return tf.cond((rows <= canvas) & (cols <= canvas),
+                   lambda: (_decode_window(data, *plan[6:]), tf.stack(plan[:8])), whole)
+  window, geometry = tf.cond(tf.io.is_jpeg(data), jpeg, whole)
+  return tf.ensure_shape(window, [None, None, 3]), tf.ensure_shape(geometry, [8])
 
 
 def eval_preprocess_encoded(data, decode_fn, size=224, crop_pct: Optional[float] = 0.9,
@@ -489,30 +537,42 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
                  crop_pct: Optional[float] = 0.9, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
                  num_threads: Optional[int] = None, normalize: bool = True,
-                 start_batch: int = 0, skip: Sequence[int] = ()) -> tf.data.Dataset:
+                 start_batch: int = 0, skip: Sequence[int] = (),
+                 canvas: int = 0) -> tf.data.Dataset:
   """The `tf.data.Dataset` behind `eval_batches` (one pass, from `start_batch` on;
   rows whose position in the split is in `skip` are not read: masked, unreadable)."""
   process_index, process_count = _host(process_index, process_count)
   host_batch = _host_batch(global_batch_size, process_count)
   skipped = _skip_tensor(skip)
+  identity = tf.constant([size, size, size, size, 0, 0, 0, 0], tf.int32)
 
   def preprocess(position, payload, label, valid):
     def decoded():
       encoded = source.encoded(payload)
+      element = {"label": label, "mask": valid}
       if encoded is None:
-        image = eval_preprocess(source.decode(payload), size, crop_pct,
-                                normalize=normalize)
+        element["image"] = eval_preprocess(source.decode(payload), size, crop_pct,
+                                           normalize=normalize and not canvas)
+        if canvas:
+          element["geometry"] = identity
+      elif canvas:  # the step resizes (and normalises) the JPEG's window
+        element["image"], element["geometry"] = eval_window_for_the_step(
+            encoded, lambda _: source.decode(payload), size, crop_pct, canvas)
       else:  # a JPEG decodes only the crop's window
-        image = eval_preprocess_encoded(encoded, lambda _: source.decode(payload), size,
-                                        crop_pct, normalize=normalize)
-      return {"image": image, "label": label, "mask": valid}
+        element["image"] = eval_preprocess_encoded(
+            encoded, lambda _: source.decode(payload), size, crop_pct, normalize=normalize)
+      return element
 
     def placeholder():
-      return {"image": tf.zeros([size, size, 3], tf.float32 if normalize else tf.uint8),
-              "label": label, "mask": False}
+      element = {"image": tf.zeros([size, size, 3], tf.float32 if normalize and not canvas
+                                   else tf.uint8), "label": label, "mask": False}
+      if canvas:
+        element["geometry"] = identity
+      return element
     element = _unless_skipped(position, skipped, decoded, placeholder)
-    return {"image": element["image"], "label": element["label"],
-            "mask": element["mask"], "unreadable": ~element["readable"] & valid}
+    element["unreadable"] = ~element.pop("readable") & valid
+    element.pop("index")
+    return element
 
   if source.random_access:
     n = source.num_examples
@@ -532,8 +592,7 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
                                   process_count).skip(start_batch * host_batch).map(
         lambda position, record: preprocess(position, *record),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(host_batch, drop_remainder=True).prefetch(2)
-  return ds.with_options(_options(num_threads))
+  return _batch(ds, host_batch, canvas).prefetch(2).with_options(_options(num_threads))
 
 
 def _sequential_eval_steps(source, host_batch, process_count):
@@ -554,7 +613,8 @@ def _sequential_eval_records(source, host_batch, steps, process_index, process_c
 def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 224,
                  crop_pct: Optional[float] = 0.9, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
-                 num_threads: Optional[int] = None, normalize: bool = True) -> Iterator[Dict[str, np.ndarray]]:
+                 num_threads: Optional[int] = None, normalize: bool = True,
+                 canvas: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Every example exactly once, in order, as this host's rows of padded batches.
 
   Elements are {"image", "label", "mask", "unreadable"}; `mask` is False on the
@@ -562,7 +622,9 @@ def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 
   shorter hosts) and on images that cannot be read (`unreadable` True: count them), so
   a metric is `sum(correct * mask) / sum(mask)` over the whole loop. All hosts yield
   the same number of batches. `crop_pct=None` skips the resize (native size);
-  `normalize=False` yields the uint8 crops.
+  `normalize=False` yields the uint8 crops. With a `canvas`, the step resizes: "image"
+  is uint8 [B, canvas, canvas, 3] (decoded JPEG windows, or finished crops) and
+  "geometry" int32 [B, 8], for `device_augment.resize_eval_windows`.
   """
   process_index, process_count = _host(process_index, process_count)
   host_batch = _host_batch(global_batch_size, process_count)
@@ -571,7 +633,8 @@ def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 
     ds = eval_dataset(source, global_batch_size=global_batch_size, size=size,
                       crop_pct=crop_pct, process_index=process_index,
                       process_count=process_count, num_threads=num_threads,
-                      normalize=normalize, start_batch=batch_index, skip=skip)
+                      normalize=normalize, start_batch=batch_index, skip=skip,
+                      canvas=canvas)
     try:
       for batch in ds.as_numpy_iterator():
         yield batch

@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riformer_jax.data import augment, device_augment, pipeline, sources
+from riformer_jax.data import augment, device_augment, imagenet, pipeline, sources
 from riformer_jax.models import registry, surgery
 from riformer_jax.train import (
   checkpointing,
   distill,
   faults,
   losses,
+  mixup,
   optim,
   parallel,
   reporting,
@@ -135,15 +136,26 @@ def make_distiller(config, student, steps_per_epoch, total_steps, shared_teacher
                                   resize_to=config.resolution))
 
 
+def eval_images(config, batch):
+  """The networks' input of an evaluation batch: its images, or, where the step
+  resizes (a "geometry" key), its windows resized, cropped and normalised."""
+  if "geometry" not in batch:
+    return batch["image"]
+  crops = device_augment.resize_eval_windows(batch["image"], batch["geometry"],
+                                             config.resolution)
+  return mixup.finish_batch(None, crops, None, imagenet.MEAN, imagenet.STD, mode=None)
+
+
 def eval_functions(config, student, deploy):
-  """Jitted (top-1, top-5, count) of every model the run reports."""
+  """Jitted (top-1, top-5, count) of every model the run reports (`eval_images`)."""
   def counts_of(module, params_of, reparameterize=False):
     @jax.jit
     def counts(state, batch):
       params = params_of(state)
       params = surgery.reparameterize(params) if reparameterize else params
-      return jnp.stack(distill.eval_counts(module, {"params": params}, batch["image"],
-                                           batch["label"], batch["mask"]))
+      return jnp.stack(distill.eval_counts(module, {"params": params},
+                                           eval_images(config, batch), batch["label"],
+                                           batch["mask"]))
     return counts
 
   fns = {"student": counts_of(student, lambda s: s.params)}
@@ -159,9 +171,11 @@ def evaluate(eval_fns, state, eval_source, config, mesh):
   `eval/unreadable` where images of it could not be read (left out of the top-1)."""
   totals = {name: np.zeros(3) for name in eval_fns}
   unreadable = 0
+  canvas = canvas_size(config)
   batches = pipeline.eval_batches(
       eval_source, global_batch_size=config.batch_size, size=config.resolution,
-      crop_pct=config.data.crop_pct or None, num_threads=config.data.num_threads or None)
+      crop_pct=config.data.crop_pct or None, num_threads=config.data.num_threads or None,
+      normalize=not canvas, canvas=canvas)
   for host_batch in _naming_the_eval_split(batches):
     unreadable += int(host_batch.pop("unreadable").sum())
     batch = parallel.to_global(host_batch, mesh)
@@ -186,7 +200,7 @@ def evaluate_teachers(teachers, eval_source, config, mesh, reporter):
   unique = {id(t): t for t in teachers.values() if t is not None}
   for teacher in unique.values():
     fn = jax.jit(lambda b, t=teacher: jnp.stack(distill.eval_counts(
-        t.module, t.variables, b["image"], b["label"], b["mask"])))
+        t.module, t.variables, eval_images(config, b), b["label"], b["mask"])))
     results = evaluate({"teacher": lambda _, b, fn=fn: fn(b)}, None, eval_source,
                        config, mesh)
     reporter.evaluation(0, {f"teacher_{role}/{k.split('/')[1]}": v
