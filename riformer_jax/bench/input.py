@@ -38,7 +38,7 @@ import numpy as np
 _SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (400, 300), (281, 500))
 _PAPER = "rand-m9-mstd0.5-inc1"
 
-# Each row: (name, our side, timm's side); None: the evaluation transform. Both sides
+# Each row: (name, our side, timm's side); `evaluation`: the eval transform. Both sides
 # do the same work on the host unless the name says otherwise. "uint8 out": the host
 # stops before normalising and erasing, which run on the device (our jitted step;
 # timm's `use_prefetcher=True` transforms, whose PrefetchLoader does both on the GPU).
@@ -65,7 +65,11 @@ ROWS = (
      "uint8 out",
      dict(auto_augment=None, re_prob=0.25, uint8=True, canvas=512),
      dict(auto_augment=_PAPER, re_prob=0.25, use_prefetcher=True)),
-    ("evaluation: resize 248, centre crop 224, uint8 out", None, None),
+    ("evaluation: resize 248, centre crop 224 (ours: the JPEG's window), uint8 out",
+     dict(evaluation=True), dict(evaluation=True)),
+    ("evaluation as each runs it by default: ours the JPEG's window in a 512 canvas, "
+     "resized in the step; timm's all on the host; uint8 out",
+     dict(evaluation=True, canvas=512), dict(evaluation=True)),
 )
 
 
@@ -117,10 +121,11 @@ def _ours(root, names, threads, batch_size, size):
   source = sources.get_source("folder", "train", data_dir=root)
 
   def start(spec):
-    if spec is None:
+    if spec.get("evaluation"):
       iterator = pipeline.eval_dataset(
           source, global_batch_size=batch_size, size=size, crop_pct=0.9, process_index=0,
-          process_count=1, num_threads=threads, normalize=False).repeat().as_numpy_iterator()
+          process_count=1, num_threads=threads, normalize=False,
+          canvas=spec.get("canvas", 0)).repeat().as_numpy_iterator()
     else:
       spec = dict(spec)
       uint8 = spec.pop("uint8", False)
@@ -170,7 +175,7 @@ def _timm(root, names, batch_size, size):
   for name, _, spec in ROWS:
     if name not in names:
       continue
-    if spec is None:
+    if spec.get("evaluation"):
       transform = create_transform(size, is_training=False, interpolation="bicubic",
                                    crop_pct=0.9, use_prefetcher=True)
     else:
