@@ -46,10 +46,11 @@ def _cost(jitted, *args):
 
 
 def step_costs(size="s12", batch=64, resolution=224, logit_teacher="gfnet_h_b",
-               dtype="bfloat16", overrides=None, canvas=CANVAS):
+               dtype="bfloat16", overrides=None, canvas=CANVAS, specs=SPECS):
   """[{spec, step_flops, step_bytes, augment_flops, augment_bytes, ...}] per spec, with
-  the plain step (no augmentation in it) as spec None. `overrides`: model fields for
-  the student and both teachers (tests: tiny models)."""
+  the plain step (no augmentation in it) as spec None, and the first of `specs` once
+  more after the resize from `canvas`. `overrides`: model fields for the student and
+  both teachers (tests: tiny models)."""
   dtype, overrides = jnp.dtype(dtype), overrides or {}
   student = registry.create_model(f"riformer_{size}", dtype=dtype, drop_path_rate=0.1,
                                   **overrides)
@@ -71,7 +72,7 @@ def step_costs(size="s12", batch=64, resolution=224, logit_teacher="gfnet_h_b",
     return device_augment.auto_augment(key, x, plan)
 
   rows = []
-  variants = [(None, False)] + [(spec, False) for spec in SPECS] + [(SPECS[0], True)]
+  variants = [(None, False)] + [(spec, False) for spec in specs] + [(specs[0], True)]
   for spec, resize in variants:
     plan = spec and device_augment.plan(spec)
     distiller = distill.Distiller(
