@@ -38,20 +38,32 @@ _OP_CASES = [
 ]
 
 
+def _operation(path, name):
+  """The operation `name` of the host path (TensorFlow) or the device path (jitted
+  JAX), as a function of (uint8 numpy image, argument) -> uint8 numpy image."""
+  if path == "host":
+    return lambda image, arg: augment.OPS[name][0](tf.constant(image), arg).numpy()
+  op = jax.jit(device_augment.OPS[name][0])
+  return lambda image, arg: np.asarray(op(jnp.asarray(image), arg))
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
 @pytest.mark.parametrize("name,arg", _OP_CASES)
-def test_operations_match_pil(name, arg):
-  """Each RandAugment/AutoAugment operation against the PIL function timm calls.
+def test_operations_match_pil(name, arg, path):
+  """Each RandAugment/AutoAugment operation against the PIL function timm calls, on
+  the host path (TensorFlow) and the device path (jitted JAX).
 
   Photometric operations reproduce PIL's integer arithmetic exactly (AutoContrast
   within one level: PIL computes its scale in double). Geometric ones use bilinear
   interpolation here; compared with PIL's bilinear they agree to one level (float
   rounding of sample positions that fall on pixel boundaries).
   """
+  op = _operation(path, name)
   for image in (_noise_image(), _gradient_image()):
     kwargs = dict(fillcolor=augment.FILL, resample=Image.BILINEAR)
     args = () if name in _NO_ARG else (arg,)
     expected = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, **kwargs))
-    actual = augment.OPS[name][0](tf.constant(image), 0.0 if arg is None else arg).numpy()
+    actual = op(image, 0.0 if arg is None else arg)
     assert actual.dtype == np.uint8 and actual.shape == image.shape
     diff = np.abs(actual.astype(int) - expected.astype(int))
     assert diff.max() <= 1, name
@@ -61,15 +73,18 @@ def test_operations_match_pil(name, arg):
       assert diff.max() == 0, name
 
 
-def test_posterize_to_zero_bits_is_black():
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_posterize_to_zero_bits_is_black(path):
   # Newer Pillow rejects bits=0 (timm's PosterizeIncreasing at magnitude 10); older
   # Pillow, which timm's recipe was tuned with, returned a black image.
-  out = augment.posterize(tf.constant(_noise_image()), 0).numpy()
-  assert not out.any()
+  assert not _operation(path, "Posterize")(_noise_image(), 0).any()
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @pytest.mark.parametrize("name", sorted(augment.OPS))
-def test_magnitude_to_argument_matches_timm(name):
+def test_magnitude_to_argument_matches_timm(name, path):
+  assert sorted(device_augment.OPS) == sorted(augment.OPS)
+  level = augment.OPS[name][1] if path == "host" else device_augment.OPS[name][1]
   hparams = dict(translate_const=100, img_mean=augment.FILL)
   for magnitude in (0.0, 3.3, 5.0, 8.7, 9.0, 10.0):
     for sign in (1.0, -1.0):
@@ -77,7 +92,7 @@ def test_magnitude_to_argument_matches_timm(name):
       with mock.patch.object(timm_aa.random, "random", return_value=0.9 if sign < 0 else 0.1):
         level_fn = timm_aa.LEVEL_TO_ARG[name]
         expected = level_fn(magnitude, hparams)[0] if level_fn else 0.0
-      actual = float(augment.OPS[name][1](tf.constant(magnitude), tf.constant(sign)))
+      actual = float(level(np.float32(magnitude), np.float32(sign)))
       assert actual == pytest.approx(expected, abs=1e-5), (name, magnitude, sign)
 
 
@@ -275,12 +290,24 @@ def _our_draws(spec, count):
   return applied, magnitudes
 
 
-def _timm_draws(spec, count):
-  """The same record of timm's RandAugment (its Python RNGs seeded)."""
+def _device_draws(spec, count):
+  the_plan = device_augment.plan(spec)
+  draws = jax.jit(device_augment.sample, static_argnums=(1, 2))(
+      jax.random.key(0), count, the_plan)
+  applied = np.asarray(draws.apply).reshape(-1)
+  names = [the_plan.names[i] for i in np.asarray(draws.op).reshape(-1)[applied]]
+  magnitudes = np.asarray(draws.magnitude).reshape(-1)[applied]
+  with_level = [timm_aa.LEVEL_TO_ARG[n] is not None for n in names]
+  return names, [(n, m) for n, m, keep in zip(names, magnitudes, with_level) if keep]
+
+
+def _timm_policy_draws(transform, count):
+  """(applied op names, their magnitudes) of timm's RandAugment or AutoAugment."""
   import random  # noqa: PLC0415
   applied, magnitudes = [], []
-  transform = timm_aa.rand_augment_transform(spec, {"img_mean": augment.FILL})
-  for op in transform.ops:
+  ops = transform.ops if hasattr(transform, "ops") else [
+      op for sub in transform.policy for op in sub]
+  for op in ops:
     def aug_fn(image, *_, name=op.name, **__):
       applied.append(name)
       return image
@@ -297,14 +324,17 @@ def _timm_draws(spec, count):
   return applied, magnitudes
 
 
-def test_rand_augment_samples_as_timm_does():
+@pytest.mark.parametrize("path,count", [("host", 1500), ("device", 3000)])
+def test_rand_augment_samples_as_timm_does(path, count):
   """Which ops run, how often a layer applies its op (p = 0.5) and the magnitudes
-  (9 + N(0, 0.5) clipped to [0, 10]), ours against timm's on 1500 images (3000
-  layers): a wrong p, a missing noise or clip, or a skewed op choice fails."""
+  (9 + N(0, 0.5) clipped to [0, 10]), ours (host or device path) against timm's on
+  `count` images (two layers each): a wrong p, a missing noise or clip, or a skewed
+  op choice fails."""
   from scipy import stats  # noqa: PLC0415
-  spec, count = "rand-m9-mstd0.5-inc1", 1500
-  ours, ours_m = _our_draws(spec, count)
-  theirs, theirs_m = _timm_draws(spec, count)
+  spec = "rand-m9-mstd0.5-inc1"
+  ours, ours_m = (_our_draws if path == "host" else _device_draws)(spec, count)
+  theirs, theirs_m = _timm_policy_draws(
+      timm_aa.rand_augment_transform(spec, {"img_mean": augment.FILL}), count)
   layers = 2 * count
   # How often a layer applies its op: both near 0.5, and near each other.
   for applied in (ours, theirs):
@@ -329,26 +359,6 @@ def test_rand_augment_samples_as_timm_does():
 # ---------------------------------------------------------------- in the jitted step
 
 
-@pytest.mark.parametrize("name,arg", _OP_CASES)
-def test_device_operations_match_pil(name, arg):
-  """device_augment's JAX operations against PIL, at the host path's tolerances:
-  photometric ones exact (AutoContrast within a level), geometric ones within a level
-  on a tenth of a level on average (bilinear, as on the host)."""
-  op = jax.jit(device_augment.OPS[name][0])
-  for image in (_noise_image(), _gradient_image()):
-    kwargs = dict(fillcolor=augment.FILL, resample=Image.BILINEAR)
-    args = () if name in _NO_ARG else (arg,)
-    expected = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, **kwargs))
-    actual = np.asarray(op(jnp.asarray(image), 0.0 if arg is None else arg))
-    assert actual.dtype == np.uint8 and actual.shape == image.shape
-    diff = np.abs(actual.astype(int) - expected.astype(int))
-    assert diff.max() <= 1, name
-    if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
-      assert diff.mean() < 0.1, name
-    elif name != "AutoContrast":
-      assert diff.max() == 0, name
-
-
 @pytest.mark.parametrize("size", [(150, 200), (57, 91), (120, 90), (40, 40)])
 def test_device_resize_of_a_window_matches_pil_bicubic(size):
   """The step's resize of a crop in a canvas (`resize_windows`) against PIL's bicubic,
@@ -364,23 +374,6 @@ def test_device_resize_of_a_window_matches_pil_bicubic(size):
       actual = np.asarray(resize(canvas, np.array([size], np.int32), out))[0]
       diff = np.abs(actual.astype(int) - expected.astype(int))
       assert diff.max() <= 1 and diff.mean() < 0.25, (size, out, padding)
-
-
-def test_device_posterize_to_zero_bits_is_black():
-  assert not np.asarray(device_augment.posterize(jnp.asarray(_noise_image()), 0)).any()
-
-
-@pytest.mark.parametrize("name", sorted(device_augment.OPS))
-def test_device_magnitude_to_argument_matches_timm(name):
-  assert sorted(device_augment.OPS) == sorted(augment.OPS)
-  hparams = dict(translate_const=100, img_mean=augment.FILL)
-  for magnitude in (0.0, 3.3, 5.0, 8.7, 9.0, 10.0):
-    for sign in (1.0, -1.0):
-      with mock.patch.object(timm_aa.random, "random", return_value=0.9 if sign < 0 else 0.1):
-        level_fn = timm_aa.LEVEL_TO_ARG[name]
-        expected = level_fn(magnitude, hparams)[0] if level_fn else 0.0
-      actual = float(device_augment.OPS[name][1](jnp.float32(magnitude), jnp.float32(sign)))
-      assert actual == pytest.approx(expected, abs=1e-5), (name, magnitude, sign)
 
 
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "original"])
@@ -416,65 +409,6 @@ def test_device_augment_is_a_function_of_its_key():
   assert not np.array_equal(a, b)
   # Per image: the 16 copies of one image come out as (mostly) different images.
   assert len({row.tobytes() for row in a}) >= 8
-
-
-def _timm_policy_draws(transform, count):
-  """(applied op names, their magnitudes) of timm's RandAugment or AutoAugment."""
-  import random  # noqa: PLC0415
-  applied, magnitudes = [], []
-  ops = transform.ops if hasattr(transform, "ops") else [
-      op for sub in transform.policy for op in sub]
-  for op in ops:
-    def aug_fn(image, *_, name=op.name, **__):
-      applied.append(name)
-      return image
-    level_fn = op.level_fn
-    op.aug_fn = aug_fn
-    if level_fn is not None:
-      op.level_fn = lambda m, hparams, name=op.name, fn=level_fn: (
-          magnitudes.append((name, m)), fn(m, hparams))[1]
-  random.seed(0)
-  np.random.seed(0)
-  image = Image.new("RGB", (4, 4))
-  for _ in range(count):
-    transform(image)
-  return applied, magnitudes
-
-
-def _device_draws(spec, count):
-  the_plan = device_augment.plan(spec)
-  draws = jax.jit(device_augment.sample, static_argnums=(1, 2))(
-      jax.random.key(0), count, the_plan)
-  applied = np.asarray(draws.apply).reshape(-1)
-  names = [the_plan.names[i] for i in np.asarray(draws.op).reshape(-1)[applied]]
-  magnitudes = np.asarray(draws.magnitude).reshape(-1)[applied]
-  with_level = [timm_aa.LEVEL_TO_ARG[n] is not None for n in names]
-  return names, [(n, m) for n, m, keep in zip(names, magnitudes, with_level) if keep]
-
-
-def test_device_rand_augment_samples_as_timm_does():
-  """The device draws against timm's on 3000 images (6000 layers): the rate at which
-  a layer applies its op (p = 0.5), the op (uniform over timm's 15), the magnitudes
-  (9 + N(0, 0.5) clipped to [0, 10]). A wrong p, a missing noise or clip, or a skewed
-  choice fails."""
-  from scipy import stats  # noqa: PLC0415
-  spec, count = "rand-m9-mstd0.5-inc1", 3000
-  ours, ours_m = _device_draws(spec, count)
-  theirs, theirs_m = _timm_policy_draws(
-      timm_aa.rand_augment_transform(spec, {"img_mean": augment.FILL}), count)
-  layers = 2 * count
-  for applied in (ours, theirs):
-    assert abs(len(applied) / layers - 0.5) < 4 * math.sqrt(0.25 / layers)
-  names = augment.RAND_INCREASING_OPS
-  counts = [ours.count(n) for n in names]
-  assert sum(counts) == len(ours) and stats.chisquare(counts).pvalue > 1e-3, counts
-  table = [counts, [theirs.count(n) for n in names]]
-  assert stats.chi2_contingency(table).pvalue > 1e-3, table
-  ours_m, theirs_m = [m for _, m in ours_m], [m for _, m in theirs_m]
-  assert stats.ks_2samp(ours_m, theirs_m).pvalue > 1e-3
-  assert min(ours_m) >= 0 and max(ours_m) == 10.0
-  assert 0.01 < np.mean(np.asarray(ours_m) == 10.0) < 0.04
-  assert abs(np.std(ours_m) - np.std(theirs_m)) < 0.05
 
 
 def test_device_auto_augment_samples_as_timm_does():
