@@ -436,51 +436,25 @@ def translate_y_rel(image, fraction, fill=FILL):
 # ---------------------------------------------------------------- magnitudes
 
 
-def _negate(sign, value):
-  """timm's `_randomly_negate`; `sign` is +1 or -1, drawn by the caller."""
-  return sign * value
-
-
-def _enhance_arg(m, _):
-  return m / policies.LEVEL_DENOM * 1.8 + 0.1
-
-
-def _enhance_increasing_arg(m, sign):
-  return tf.maximum(0.1, 1.0 + _negate(sign, m / policies.LEVEL_DENOM * 0.9))
-
-
 def _int(x):
   """Python's int() on a non-negative float."""
   return tf.cast(tf.floor(x), tf.int32)
 
 
-# name: (operation, level -> argument), the argument being what timm's level function
-# returns for a magnitude m (float, after noise and clipping) and a random sign.
-OPS = {
-    "AutoContrast": (auto_contrast, lambda m, s: 0.0),
-    "Equalize": (equalize, lambda m, s: 0.0),
-    "Invert": (invert, lambda m, s: 0.0),
-    "Rotate": (rotate, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 30.0)),
-    "Posterize": (posterize, lambda m, s: _int(m / policies.LEVEL_DENOM * 4)),
-    "PosterizeIncreasing": (posterize, lambda m, s: 4 - _int(m / policies.LEVEL_DENOM * 4)),
-    "PosterizeOriginal": (posterize, lambda m, s: _int(m / policies.LEVEL_DENOM * 4) + 4),
-    "Solarize": (solarize, lambda m, s: tf.minimum(256, _int(m / policies.LEVEL_DENOM * 256))),
-    "SolarizeIncreasing": (
-        solarize, lambda m, s: 256 - tf.minimum(256, _int(m / policies.LEVEL_DENOM * 256))),
-    "SolarizeAdd": (solarize_add, lambda m, s: tf.minimum(128, _int(m / policies.LEVEL_DENOM * 110))),
-    "Color": (color, _enhance_arg),
-    "ColorIncreasing": (color, _enhance_increasing_arg),
-    "Contrast": (contrast, _enhance_arg),
-    "ContrastIncreasing": (contrast, _enhance_increasing_arg),
-    "Brightness": (brightness, _enhance_arg),
-    "BrightnessIncreasing": (brightness, _enhance_increasing_arg),
-    "Sharpness": (sharpness, _enhance_arg),
-    "SharpnessIncreasing": (sharpness, _enhance_increasing_arg),
-    "ShearX": (shear_x, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.3)),
-    "ShearY": (shear_y, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.3)),
-    "TranslateXRel": (translate_x_rel, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.45)),
-    "TranslateYRel": (translate_y_rel, lambda m, s: _negate(s, m / policies.LEVEL_DENOM * 0.45)),
+_OPERATIONS = {
+    "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
+    "Rotate": rotate, "Posterize": posterize, "PosterizeIncreasing": posterize,
+    "PosterizeOriginal": posterize, "Solarize": solarize, "SolarizeIncreasing": solarize,
+    "SolarizeAdd": solarize_add, "Color": color, "ColorIncreasing": color,
+    "Contrast": contrast, "ContrastIncreasing": contrast, "Brightness": brightness,
+    "BrightnessIncreasing": brightness, "Sharpness": sharpness,
+    "SharpnessIncreasing": sharpness, "ShearX": shear_x, "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel,
 }
+_LEVEL_FUNCTIONS = policies.level_functions(tf.minimum, tf.maximum, _int)
+# name: (operation, (magnitude, sign) -> argument), timm's ops and level functions.
+OPS = {name: (op, _LEVEL_FUNCTIONS[name]) for name, op in _OPERATIONS.items()}
+
 
 # ---------------------------------------------------------------- policies
 

@@ -28,7 +28,6 @@ import numpy as np
 
 from riformer_jax.data import policies
 
-_LEVEL_DENOM = policies.LEVEL_DENOM
 # numpy, not jax, constants: importing must not start a backend (multi-host set-up).
 _CHANNEL_OFFSETS = np.array([0, 256, 512], np.int32)
 
@@ -208,45 +207,19 @@ def _int(x):
   return jnp.floor(x).astype(jnp.int32)
 
 
-def _enhance(m, _):
-  return m / _LEVEL_DENOM * 1.8 + 0.1
-
-
-def _enhance_increasing(m, sign):
-  return jnp.maximum(0.1, 1.0 + sign * (m / _LEVEL_DENOM * 0.9))
-
-
-def _zero(m, sign):
-  return jnp.zeros((), jnp.float32)
-
-
-# name: (operation, (magnitude, sign) -> argument), timm's level functions.
-OPS = {
-    "AutoContrast": (auto_contrast, _zero),
-    "Equalize": (equalize, _zero),
-    "Invert": (invert, _zero),
-    "Rotate": (rotate, lambda m, s: s * (m / _LEVEL_DENOM * 30.0)),
-    "Posterize": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4)),
-    "PosterizeIncreasing": (posterize, lambda m, s: 4 - _int(m / _LEVEL_DENOM * 4)),
-    "PosterizeOriginal": (posterize, lambda m, s: _int(m / _LEVEL_DENOM * 4) + 4),
-    "Solarize": (solarize, lambda m, s: jnp.minimum(256, _int(m / _LEVEL_DENOM * 256))),
-    "SolarizeIncreasing": (
-        solarize, lambda m, s: 256 - jnp.minimum(256, _int(m / _LEVEL_DENOM * 256))),
-    "SolarizeAdd": (solarize_add,
-                    lambda m, s: jnp.minimum(128, _int(m / _LEVEL_DENOM * 110))),
-    "Color": (color, _enhance),
-    "ColorIncreasing": (color, _enhance_increasing),
-    "Contrast": (contrast, _enhance),
-    "ContrastIncreasing": (contrast, _enhance_increasing),
-    "Brightness": (brightness, _enhance),
-    "BrightnessIncreasing": (brightness, _enhance_increasing),
-    "Sharpness": (sharpness, _enhance),
-    "SharpnessIncreasing": (sharpness, _enhance_increasing),
-    "ShearX": (shear_x, lambda m, s: s * (m / _LEVEL_DENOM * 0.3)),
-    "ShearY": (shear_y, lambda m, s: s * (m / _LEVEL_DENOM * 0.3)),
-    "TranslateXRel": (translate_x_rel, lambda m, s: s * (m / _LEVEL_DENOM * 0.45)),
-    "TranslateYRel": (translate_y_rel, lambda m, s: s * (m / _LEVEL_DENOM * 0.45)),
+_OPERATIONS = {
+    "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
+    "Rotate": rotate, "Posterize": posterize, "PosterizeIncreasing": posterize,
+    "PosterizeOriginal": posterize, "Solarize": solarize, "SolarizeIncreasing": solarize,
+    "SolarizeAdd": solarize_add, "Color": color, "ColorIncreasing": color,
+    "Contrast": contrast, "ContrastIncreasing": contrast, "Brightness": brightness,
+    "BrightnessIncreasing": brightness, "Sharpness": sharpness,
+    "SharpnessIncreasing": sharpness, "ShearX": shear_x, "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel,
 }
+_LEVEL_FUNCTIONS = policies.level_functions(jnp.minimum, jnp.maximum, _int)
+# name: (operation, (magnitude, sign) -> argument), as `augment.OPS` on the host.
+OPS = {name: (op, _LEVEL_FUNCTIONS[name]) for name, op in _OPERATIONS.items()}
 _GEOMETRIC = (rotate, shear_x, shear_y, translate_x_rel, translate_y_rel)
 
 

@@ -185,13 +185,12 @@ def _unless_skipped(index, skipped, decoded, placeholder):
 def _placeholder(recipe, uint8):
   """What an unreadable training example holds until `_stand_in_for_unreadable`."""
   size = recipe.size
-  if recipe.canvas:
-    return {"image": tf.zeros([size, size, 3], tf.uint8),
-            "size": tf.constant([size, size], tf.int32), "erase": tf.zeros([4], tf.int32),
-            "label": tf.constant(-1, tf.int32)}
-  if uint8:
-    return {"image": tf.zeros([size, size, 3], tf.uint8), "erase": tf.zeros([4], tf.int32),
-            "label": tf.constant(-1, tf.int32)}
+  if uint8 or recipe.canvas:
+    element = {"image": tf.zeros([size, size, 3], tf.uint8),
+               "erase": tf.zeros([4], tf.int32), "label": tf.constant(-1, tf.int32)}
+    if recipe.canvas:  # a size x size window in its canvas
+      element["size"] = tf.constant([size, size], tf.int32)
+    return element
   return {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(-1, tf.int32)}
 
 
@@ -298,8 +297,8 @@ class UnreadableExamples:
       else:
         name = self.source.describe(int(index))
         reason = self.source.check(int(index)) if self.source.random_access else None
-      if reason:  # TensorFlow's own wrapping around the decoder's words
-        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", reason)
+      if reason:
+        reason = _without_tf_wrapping(reason)
       self.names.append(name)
       self.log(f"step {step}: cannot read {name}{f' ({reason})' if reason else ''}; "
                "skipped: a copy of another image of its batch takes its place"
@@ -492,16 +491,20 @@ def _eval_jpeg_window(data, size, crop_pct):
   return tf.ensure_shape(augment.to_uint8(x[0]), [size, size, 3])
 
 
+def _identity_geometry(size):
+  """The geometry of a finished `size` crop: `resize_eval_windows` leaves it as is."""
+  return tf.constant([size, size, size, size, 0, 0, 0, 0], tf.int32)
+
+
 def eval_window_for_the_step(data, decode_fn, size, crop_pct, canvas):
   """The host's part of the evaluation when the step resizes: (uint8 window, int32
   [8] geometry) for `device_augment.resize_eval_windows`. A JPEG whose window fits the
   canvas sends the decoded window and (height, width, new_h, new_w, top, left, y0,
   x0); anything else (other formats, windows too large) the finished crop with the
   geometry of an identity resize."""
-  identity = tf.constant([size, size, size, size, 0, 0, 0, 0], tf.int32)
-
   def whole():
-    return eval_preprocess(decode_fn(data), size, crop_pct, normalize=False), identity
+    return (eval_preprocess(decode_fn(data), size, crop_pct, normalize=False),
+            _identity_geometry(size))
 
   if crop_pct is None:
     return whole()
@@ -544,7 +547,6 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
   process_index, process_count = _host(process_index, process_count)
   host_batch = _host_batch(global_batch_size, process_count)
   skipped = _skip_tensor(skip)
-  identity = tf.constant([size, size, size, size, 0, 0, 0, 0], tf.int32)
 
   def preprocess(position, payload, label, valid):
     def decoded():
@@ -554,7 +556,7 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
         element["image"] = eval_preprocess(source.decode(payload), size, crop_pct,
                                            normalize=normalize and not canvas)
         if canvas:
-          element["geometry"] = identity
+          element["geometry"] = _identity_geometry(size)
       elif canvas:  # the step resizes (and normalises) the JPEG's window
         element["image"], element["geometry"] = eval_window_for_the_step(
             encoded, lambda _: source.decode(payload), size, crop_pct, canvas)
@@ -567,7 +569,7 @@ def eval_dataset(source: sources.Source, *, global_batch_size: int, size: int = 
       element = {"image": tf.zeros([size, size, 3], tf.float32 if normalize and not canvas
                                    else tf.uint8), "label": label, "mask": False}
       if canvas:
-        element["geometry"] = identity
+        element["geometry"] = _identity_geometry(size)
       return element
     element = _unless_skipped(position, skipped, decoded, placeholder)
     element["unreadable"] = ~element.pop("readable") & valid
@@ -653,8 +655,12 @@ def eval_batches(source: sources.Source, *, global_batch_size: int, size: int = 
 
 
 def _first_line(error):
-  """TensorFlow's message without its graph-node and op wrapping."""
-  return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\].*", "", str(error).splitlines()[0]).strip()
+  return _without_tf_wrapping(str(error).splitlines()[0])
+
+
+def _without_tf_wrapping(message):
+  """TensorFlow's message without its graph-node and op wrapping around the words."""
+  return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\].*", "", message).strip()
 
 
 def _bad_eval_positions(source, batch_index, host_batch, global_batch_size,

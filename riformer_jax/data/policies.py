@@ -99,6 +99,50 @@ AUTO_AUGMENT_POLICIES = {
 
 
 
+# ---------------------------------------------------------------- magnitudes
+
+
+def level_functions(minimum, maximum, floor_to_int):
+  """timm's level functions, `(magnitude, sign) -> the operation's argument`, for a
+  magnitude after noise and clipping and a random sign of +1 or -1 (timm's
+  `_randomly_negate`). Written once for both paths: the caller passes its backend's
+  elementwise `minimum`, `maximum` and `floor_to_int` (TensorFlow on the host, JAX in
+  the step)."""
+  d = LEVEL_DENOM
+
+  def signed(scale):
+    return lambda m, s: s * (m / d * scale)
+
+  def enhance(m, _):
+    return m / d * 1.8 + 0.1
+
+  def enhance_increasing(m, s):
+    return maximum(0.1, 1.0 + s * (m / d * 0.9))
+
+  def solarize(m, _):
+    return minimum(256, floor_to_int(m / d * 256))
+
+  def no_argument(m, s):
+    return 0.0
+
+  return {
+      "AutoContrast": no_argument, "Equalize": no_argument, "Invert": no_argument,
+      "Rotate": signed(30.0),
+      "Posterize": lambda m, s: floor_to_int(m / d * 4),
+      "PosterizeIncreasing": lambda m, s: 4 - floor_to_int(m / d * 4),
+      "PosterizeOriginal": lambda m, s: floor_to_int(m / d * 4) + 4,
+      "Solarize": solarize,
+      "SolarizeIncreasing": lambda m, s: 256 - solarize(m, s),
+      "SolarizeAdd": lambda m, s: minimum(128, floor_to_int(m / d * 110)),
+      "Color": enhance, "ColorIncreasing": enhance_increasing,
+      "Contrast": enhance, "ContrastIncreasing": enhance_increasing,
+      "Brightness": enhance, "BrightnessIncreasing": enhance_increasing,
+      "Sharpness": enhance, "SharpnessIncreasing": enhance_increasing,
+      "ShearX": signed(0.3), "ShearY": signed(0.3),
+      "TranslateXRel": signed(0.45), "TranslateYRel": signed(0.45),
+  }
+
+
 # ---------------------------------------------------------------- parsing
 
 

@@ -34,8 +34,10 @@ TERMS = ("ce", "hard_kd", "soft_kd", "mi_in", "mi_out", "mi_rel")
 MI_TERMS = {"mi_in": "in", "mi_out": "out", "mi_rel": "rel"}
 
 
-_ERASE_STREAM = 0xE5A  # fold_in indices of the erasing noise and of the augmentation
-_AUGMENT_STREAM = 0xA06  # draws within a step's key
+# fold_in indices, within a step's key, of the erasing noise and of the augmentation's
+# draws
+_ERASE_STREAM = 0xE5A
+_AUGMENT_STREAM = 0xA06
 
 
 @flax.struct.dataclass
