@@ -201,3 +201,31 @@ def test_gfnet_checkpoint_imports_at_its_training_resolution(train_size, tmp_pat
   assert manifest["format"] == "gfnet"
   assert manifest["kwargs"] == {"img_size": train_size, "num_classes": 1000}
   assert same_logits(torch_model, tmp_path / "out", size=train_size, jit=True) < 1e-5
+
+
+def test_an_overwrite_that_fails_keeps_the_old_model_whole(tmp_path, monkeypatch):
+  """`save_pretrained(..., overwrite=True)` (convert.py --overwrite, a run's final
+  student/ and deploy/) moves the old copy aside until the new one is in place: a rename
+  that fails puts it back (the old copy was deleted first before)."""
+  kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=4)
+  _, abstract = store.build_model("poolformer_s12", kwargs)
+  def params(value):
+    return jax.tree.map(lambda a: np.full(a.shape, value, np.float32), abstract)
+  destination = tmp_path / "m"
+  store.save_pretrained(destination, "poolformer_s12", kwargs, params(1.0))
+  real_rename = os.rename
+  def failing_rename(src, dst):
+    if os.path.basename(str(src)).startswith(".m.") and not str(src).endswith(".replaced"):
+      raise OSError(28, "No space left on device")
+    return real_rename(src, dst)
+  monkeypatch.setattr(os, "rename", failing_rename)
+  with pytest.raises(OSError, match="No space left"):
+    store.save_pretrained(destination, "poolformer_s12", kwargs, params(2.0), overwrite=True)
+  monkeypatch.setattr(os, "rename", real_rename)
+  _, variables = store.load_directory(destination)
+  assert all(np.all(np.asarray(leaf) == 1.0) for leaf in jax.tree.leaves(variables))
+  assert sorted(os.listdir(tmp_path)) == ["m"]  # no staging copy left behind
+  store.save_pretrained(destination, "poolformer_s12", kwargs, params(2.0), overwrite=True)
+  _, variables = store.load_directory(destination)
+  assert all(np.all(np.asarray(leaf) == 2.0) for leaf in jax.tree.leaves(variables))
+  assert sorted(os.listdir(tmp_path)) == ["m"]

@@ -3,6 +3,7 @@ process that imports only their runtime, and match the Flax model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -333,6 +334,23 @@ def test_export_errors_name_the_problem_and_leave_nothing(tmp_path, monkeypatch,
   with pytest.raises(SystemExit) as failure:
     export.main(["--src", str(tmp_path / "nowhere"), "--dst", prefix])
   assert "nowhere" in str(failure.value) and "manifest.json" in str(failure.value)
+  with pytest.raises(SystemExit):  # exported at the manifest's size before
+    export.main(["--src", source, "--dst", prefix, "--resolution", "0"])
+  assert "--resolution 0: expected a positive size" in capsys.readouterr().err
+  # A damaged model directory: a truncated weight file, then no weights at all.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(source, damaged)
+  weight = max((p for p in (damaged / "variables").rglob("*")
+                if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+  weight.write_bytes(weight.read_bytes()[:100])
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", str(damaged), "--dst", prefix])
+  assert f"{damaged}/variables: a weight file is damaged" in str(failure.value)
+  shutil.rmtree(damaged / "variables")
+  with pytest.raises(SystemExit) as failure:
+    export.main(["--src", str(damaged), "--dst", prefix])
+  assert "damaged: no variables/ checkpoint next to the manifest" in str(failure.value)
 
   def broken(*args, **kwargs):
     raise RuntimeError("the converter failed")

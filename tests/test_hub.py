@@ -286,6 +286,9 @@ def test_a_teacher_and_an_export_may_name_a_hub_checkpoint(offline_hub, tmp_path
   with pytest.raises(faults.RunError, match=r"config.teachers.logit='hf-hub:timm/x.y': "
                      r"hf-hub:timm/x.y: not in the hub cache"):
     trainer.load_model_dir("hf-hub:timm/x.y", "config.teachers.logit")
+  with pytest.raises(SystemExit) as failure:  # offline, and not in the cache
+    export.main(["--src", "hf-hub:timm/x.y", "--dst", str(tmp_path / "n")])
+  assert "export: hf-hub:timm/x.y: not in the hub cache" in str(failure.value)
   module, params, manifest = export.load_for_export(HUB_NAME)
   assert manifest["source"] == HUB_NAME and manifest["revision"] == COMMIT
   assert "head" in params and module.head == "timm"

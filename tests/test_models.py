@@ -271,3 +271,10 @@ def test_summary_command_prints_the_reference_counts(capsys):
   with pytest.raises(SystemExit):
     summary.main(["riformer_s99"])
   assert "unknown model 'riformer_s99'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a ZeroDivisionError's traceback before
+    summary.main(["poolformer_s12", "--resolution", "7"])
+  assert "--resolution 7: the models downsample by 32" in capsys.readouterr().err
+  # RandFormer's matrices are built for the size asked (a ValueError's traceback before).
+  summary.main(["randformer_s12", "--resolution", "384"])
+  assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["randformer_s12",
+                                                                 "13,923,840"]

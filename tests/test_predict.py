@@ -119,6 +119,9 @@ def test_bad_input_is_named(tmp_path, capsys):
   # No recorded preprocessing: ImageNet's defaults, said so; 1000 classes: ImageNet's names.
   assert "records no preprocessing" in error
   image = write_image(tmp_path / "x.png", 40, 32)
+  with pytest.raises(SystemExit):  # printed no class at all before
+    predict.main(["--model", str(tmp_path / "m"), "--top", "0", str(image)])
+  assert "--top 0: expected at least 1" in capsys.readouterr().err
   assert predict.main(["--model", str(tmp_path / "m"), str(image)]) == 0
   names = {name for _, name, _ in printed(capsys.readouterr().out)}
   assert names <= set(predict.imagenet_class_names()) and len(names) == 5

@@ -420,6 +420,8 @@ def main(argv=None):
   parser.add_argument("--calibration_images", type=int, default=128)
   parser.add_argument("--data_dir", default=None)
   args = parser.parse_args(argv)
+  if args.resolution is not None and args.resolution < 1:
+    parser.error(f"--resolution {args.resolution}: expected a positive size")
   formats = FORMATS if args.format == "all" else tuple(
       f.strip() for f in args.format.split(",") if f.strip())
   try:

@@ -89,6 +89,8 @@ def main(argv=None):
   parser.add_argument("--sha256", help="expected sha256 of a URL's download")
   parser.add_argument("--top", type=int, default=5, help="classes shown per image")
   args = parser.parse_args(argv)
+  if args.top < 1:
+    parser.error(f"--top {args.top}: expected at least 1")
   from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
   try:

@@ -8,6 +8,8 @@ import argparse
 
 from riformer_jax.models import counting, registry
 
+MIN_RESOLUTION = 32  # a stride-4 stem and three stride-2 downsamplings: one last token
+
 
 def summary_rows(names, resolution=224, num_classes=1000):
   """(name, form, params, MACs) for each model; RIFormers in both forms."""
@@ -18,6 +20,8 @@ def summary_rows(names, resolution=224, num_classes=1000):
     for form, deploy in forms:
       overrides = {"num_classes": num_classes, **deploy}
       model = registry.create_model(name, **overrides)
+      if "random" in getattr(model, "token_mixers", ()):  # its matrices fix the size
+        model = model.clone(img_size=resolution)
       params = counting.count_params(counting.abstract_variables(model, resolution))
       rows.append((name, form, params, counting.count_macs(model, resolution)))
   return rows
@@ -29,6 +33,9 @@ def main(argv=None):
   parser.add_argument("--resolution", type=int, default=224)
   parser.add_argument("--num-classes", type=int, default=1000)
   args = parser.parse_args(argv)
+  if args.resolution < MIN_RESOLUTION:
+    parser.error(f"--resolution {args.resolution}: the models downsample by 32; "
+                 f"expected at least {MIN_RESOLUTION}")
   names = args.names or registry.list_models()
   for name in names:
     if name not in registry.list_models():

@@ -39,14 +39,23 @@ def _atomic_directory(destination, overwrite=False):
   parent = os.path.dirname(destination)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.", dir=parent)
+  replaced = staging + ".replaced"
   try:
     yield staging
+    # The old copy moves aside and goes only once the new one is in place: a failed
+    # rename puts it back, so DIR always holds a whole model.
     if os.path.exists(destination):
-      shutil.rmtree(destination)
-    os.rename(staging, destination)
+      os.rename(destination, replaced)
+    try:
+      os.rename(staging, destination)
+    except OSError:
+      if os.path.exists(replaced):
+        os.rename(replaced, destination)
+      raise
   finally:
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
+    for leftover in (staging, replaced):
+      if os.path.exists(leftover):
+        shutil.rmtree(leftover)
 
 
 def _local_checkpointer():
@@ -140,5 +149,9 @@ def load_directory(directory, **overrides):
     raise ValueError(f"{path}: the array metadata is missing or unreadable (a corrupt "
                      "or partial copy of the directory)")
   _check_shapes(metadata.tree.get("params", {}), abstract, path)
-  restored = checkpointer.restore(path, {"params": abstract})
+  try:
+    restored = checkpointer.restore(path, {"params": abstract})
+  except ValueError as e:  # tensorstore's OUT_OF_RANGE, DATA_LOSS ... on a damaged file
+    raise ValueError(f"{path}: a weight file is damaged ({str(e).splitlines()[0]}); "
+                     "convert or export the model again") from e
   return model, jax.tree.map(jax.numpy.asarray, restored)
