@@ -122,3 +122,53 @@ def test_a_single_process_catches_sigterm_and_sigint_and_restores_the_handlers(
     handler(sig, None)
     assert preemption.reached(2) and preemption.requested == sig.name
   assert {s: signal.getsignal(s) for s in before} == before
+
+
+_SAVING_UNTIL_INTERRUPTED = """
+import sys, time
+import jax.numpy as jnp
+from riformer_jax.train import checkpointing
+checkpoints = checkpointing.Checkpoints(sys.argv[1], keep=3)
+preemption = checkpointing.Preemption(checkpoints)
+with preemption.handling_signals():
+  step = 0
+  while True:  # a step that only saves, ~8 MB each, so a Ctrl-C lands in a save
+    step += 1
+    checkpoints.save(step, {"w": jnp.full((2048, 1024), step, jnp.float32),
+                            "step": jnp.int32(step)})
+    if step == 2:
+      print("saving", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_a_second_ctrl_c_in_a_process_exits_at_once_and_the_newest_checkpoint_restores(
+    tmp_path):
+  """A real process: two SIGINTs while it writes checkpoints back to back; it exits
+  with 130 at once, and the newest checkpoint on disk is whole."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  child = subprocess.Popen([sys.executable, "-c", _SAVING_UNTIL_INTERRUPTED,
+                            str(tmp_path)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  assert child.stdout.readline().strip() == "saving"
+  child.send_signal(signal.SIGINT)
+  time.sleep(0.2)  # the handler has printed; more saves are under way
+  child.send_signal(signal.SIGINT)
+  try:
+    _, err = child.communicate(timeout=30)
+  finally:
+    child.kill()  # still saving: the second Ctrl-C did not end it
+  assert child.returncode == 130, err
+  assert "Ctrl-C again: exiting now, without saving" in err
+  assert "Traceback" not in err
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  assert checkpoints.any()
+  big = {"w": jax.ShapeDtypeStruct((2048, 1024), jnp.float32),
+         "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  restored, step = checkpoints.restore(big)
+  assert step >= 2 and int(restored["step"]) == step
+  np.testing.assert_array_equal(restored["w"], np.full((2048, 1024), step, np.float32))
+  assert not (tmp_path / "corrupt_checkpoints").exists()  # nothing had to be set aside
+  checkpoints.close()
