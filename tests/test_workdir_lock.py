@@ -65,3 +65,33 @@ def test_the_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
     time.sleep(0.3)
     later = json.loads((tmp_path / workdir_lock.LOCK).read_text())["heartbeat"]
   assert later > first
+
+
+def test_a_takeover_never_removes_a_lock_another_contender_just_took(tmp_path,
+                                                                     monkeypatch):
+  """Two runs find the same stale lock; the other renames it aside and writes its own
+  before this one's rename: this one must move the live lock back and be refused."""
+  stale = write_lock(tmp_path, host="tpu-host-7", pid=1, heartbeat=0.0)
+  live = write_lock(tmp_path, host="tpu-host-3", pid=2)  # the other contender's
+  reads = []
+  real_read = workdir_lock._read
+  def read(path):  # this run's first look saw the stale lock, before the other's
+    reads.append(path)
+    return stale if len(reads) == 1 else real_read(path)
+  monkeypatch.setattr(workdir_lock, "_read", read)
+  with pytest.raises(faults.RunError, match="host tpu-host-3, pid 2"):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
+      pass
+  assert json.loads((tmp_path / workdir_lock.LOCK).read_text()) == live
+  assert os.listdir(tmp_path) == [workdir_lock.LOCK]
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_its_heartbeat(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+  said = []
+  with workdir_lock.WorkdirLock(str(tmp_path), log=said.append):
+    new_holder = write_lock(tmp_path, host="tpu-host-3", pid=2)  # a takeover
+    time.sleep(0.3)
+    assert json.loads((tmp_path / workdir_lock.LOCK).read_text()) == new_holder
+  assert "was taken over by another run (host tpu-host-3, pid 2" in said[0]
+  assert (tmp_path / workdir_lock.LOCK).exists()  # the new holder's, left alone

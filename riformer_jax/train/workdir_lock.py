@@ -11,7 +11,9 @@ pod-slice workdirs live; a file with a heartbeat works on all of them.
 A lock is stale, and taken over with a message, when its holder ran on this host and
 that pid is gone, or when its heartbeat is older than `STALE_S` (a holder on another
 host that was killed). Take-over renames the stale file aside first, which only one
-contender can do, then creates a fresh one. A multi-host run holds one lock, taken
+contender can do, checks that what it moved is the lock it judged stale (else puts it
+back), then creates a fresh one; a holder whose lock was taken over stops its
+heartbeat instead of writing over the new one. A multi-host run holds one lock, taken
 by process 0; every process learns whether it got it.
 """
 
@@ -108,6 +110,15 @@ class WorkdirLock:
           os.rename(self.path, aside)  # only one contender moves this file
         except FileNotFoundError:
           continue
+        if _read(aside) != holder:
+          # Another contender took over between our read and our rename: what we
+          # moved is its live lock. Put it back (unless a third has made one since).
+          try:
+            os.link(aside, self.path)
+          except FileExistsError:
+            pass
+          os.remove(aside)
+          continue
         os.remove(aside)
         self.log(f"took over the lock of a run that stopped ({reason}): "
                  f"{_describe(holder) if holder else self.path}")
@@ -121,6 +132,14 @@ class WorkdirLock:
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
+      holder = _read(self.path)
+      if holder is not None and any(holder.get(k) != self.record[k]
+                                    for k in ("host", "pid", "started")):
+        # Taken over while this process stalled past STALE_S: never write over the
+        # new holder's lock.
+        self.log(f"warning: {self.path} was taken over by another run "
+                 f"({_describe(holder)}); this run no longer holds the workdir")
+        return
       self.record["heartbeat"] = time.time()
       staging = f"{self.path}.{os.getpid()}"
       try:
