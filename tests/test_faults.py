@@ -101,3 +101,19 @@ def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced():
     assert asyncio_logger.filter(logging.makeLogRecord({"msg": "Executing <Task> took"}))
   finally:
     asyncio_logger.filters.clear()
+
+
+def test_out_of_memory_advice_names_only_what_the_config_has_not_done():
+  error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes.")
+  config = ml_collections.ConfigDict(dict(
+      model_name="riformer_s12", resolution=224, batch_size=512, accum_steps=1,
+      remat=False, fsdp=False, compute_dtype="float32"))
+  plain = faults.out_of_memory_message(config, "in the train step", error)
+  for field in ("config.accum_steps=2", "config.remat=True", "config.fsdp=True",
+                "config.compute_dtype='bfloat16'"):
+    assert field in plain
+  config.update(remat=True, fsdp=True, compute_dtype="bfloat16", accum_steps=2)
+  done = faults.out_of_memory_message(config, "in the train step", error)
+  assert "config.accum_steps=4" in done and "allocate 8 bytes" in done
+  for field in ("config.remat=True", "config.fsdp=True", "config.compute_dtype="):
+    assert field not in done.split("What gives memory back")[1]

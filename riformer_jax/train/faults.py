@@ -104,14 +104,20 @@ def out_of_memory_message(config, where, error):
   per_device = config.batch_size // max(devices, 1) // max(config.accum_steps, 1)
   detail = str(error).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0][:200]
   detail = detail.rstrip(".")
+  # Only what this config has not already done.
+  helps = [f"config.accum_steps={2 * config.accum_steps} (the same update in smaller "
+           "micro-batches)"]
+  if not config.remat:
+    helps.append("config.remat=True (recompute each block in the backward pass)")
+  if not config.fsdp:
+    helps.append("config.fsdp=True (shard params, optimizer state and teachers)")
+  if config.compute_dtype != "bfloat16":
+    helps.append("config.compute_dtype='bfloat16'")
   return (f"out of device memory {where}: {config.model_name} at {config.resolution} px, "
           f"{per_device} images per device per micro-batch (config.batch_size="
           f"{config.batch_size} over {devices} device(s), config.accum_steps="
           f"{config.accum_steps}); XLA: {detail}. What gives memory back: "
-          f"config.accum_steps={2 * config.accum_steps} (the same update in smaller "
-          "micro-batches), config.remat=True (recompute each block in the backward "
-          "pass), config.fsdp=True (shard params, optimizer state and teachers), "
-          "config.compute_dtype='bfloat16', or a smaller config.batch_size")
+          f"{', '.join(helps)}, or a smaller config.batch_size")
 
 
 # --- non-finite values ------------------------------------------------------------
