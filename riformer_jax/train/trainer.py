@@ -472,7 +472,8 @@ def _train_and_evaluate(config, workdir, accept_changes):
                                 global_batch_size=config.batch_size)
   reporter.config(config.to_dict(), start)
   if start == 0:
-    evaluate_teachers(placed.teachers, eval_source, config, mesh, reporter)
+    with faults.naming_out_of_memory(config, "evaluating the teachers"):
+      evaluate_teachers(placed.teachers, eval_source, config, mesh, reporter)
 
   unreadable = pipeline.UnreadableExamples(train_source, config.data.max_bad_fraction,
                                            log=reporter.message)
