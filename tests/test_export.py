@@ -334,9 +334,9 @@ def test_export_errors_name_the_problem_and_leave_nothing(tmp_path, monkeypatch,
   with pytest.raises(SystemExit) as failure:
     export.main(["--src", str(tmp_path / "nowhere"), "--dst", prefix])
   assert "nowhere" in str(failure.value) and "manifest.json" in str(failure.value)
-  with pytest.raises(SystemExit):  # exported at the manifest's size before
+  with pytest.raises(SystemExit) as failure:  # exported at the manifest's size before
     export.main(["--src", source, "--dst", prefix, "--resolution", "0"])
-  assert "--resolution 0: expected a positive size" in capsys.readouterr().err
+  assert "--resolution=0: expected a positive size" in str(failure.value)
   # A damaged model directory: a truncated weight file, then no weights at all.
   damaged = tmp_path / "damaged"
   shutil.copytree(source, damaged)

@@ -300,6 +300,8 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
   if int8 and batch and calibration_count < batch:
     raise ExportError(f"--calibration_images={calibration_count} is less than one "
                       f"batch of {batch}")
+  if resolution is not None and resolution < 1:  # 0 read as "the manifest's" before
+    raise ExportError(f"--resolution={resolution}: expected a positive size")
   if batch is not None and batch < 1:
     raise ExportError(f"--batch={batch}: expected a positive batch size (or none for "
                       "a symbolic one)")
@@ -420,8 +422,6 @@ def main(argv=None):
   parser.add_argument("--calibration_images", type=int, default=128)
   parser.add_argument("--data_dir", default=None)
   args = parser.parse_args(argv)
-  if args.resolution is not None and args.resolution < 1:
-    parser.error(f"--resolution {args.resolution}: expected a positive size")
   formats = FORMATS if args.format == "all" else tuple(
       f.strip() for f in args.format.split(",") if f.strip())
   try:

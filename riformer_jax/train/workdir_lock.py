@@ -133,8 +133,7 @@ class WorkdirLock:
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       holder = _read(self.path)
-      if holder is not None and any(holder.get(k) != self.record[k]
-                                    for k in ("host", "pid", "started")):
+      if holder is not None and not self._is_mine(holder):
         # Taken over while this process stalled past STALE_S: never write over the
         # new holder's lock.
         self.log(f"warning: {self.path} was taken over by another run "
@@ -155,6 +154,8 @@ class WorkdirLock:
     self._stop.set()
     self._thread.join()
     holder = _read(self.path)
-    if holder and holder.get("pid") == os.getpid() and \
-        holder.get("host") == self.record["host"]:
+    if holder and self._is_mine(holder):
       os.remove(self.path)
+
+  def _is_mine(self, holder):
+    return all(holder.get(k) == self.record[k] for k in ("host", "pid", "started"))
