@@ -2,9 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 
+import riformer_jax
 from riformer_jax.bench import edge as bench_edge
+from riformer_jax.bench import edge_ops
+from riformer_jax.deploy import export
+from riformer_jax.weights import store
+
+from conftest import random_params
 
 
 def row(model, runtime, precision, threads, batch, ms, source="riformer_jax"):
@@ -40,6 +47,14 @@ def test_the_table_compares_each_row_with_the_fastest_pytorch_of_its_model():
   assert "2.00x" in pool  # against timm's PoolFormer (50 ms), not RIFormer's
   slim = next(line for line in lines if "| PoolFormer-S9 |" in line)
   assert "| 19.0 | 20.9 | 2.63x |" in slim  # Table 8's: against timm's PoolFormer too
+
+
+def test_a_batch_1_table_has_no_throughput_column():
+  lines = bench_edge.table(RESULTS, batches=(1,)).splitlines()
+  assert lines[0].endswith("| vs best PyTorch |") and lines[1].count("---") == 8
+  openvino = next(line for line in lines
+                  if "| RIFormer (deploy) | riformer_jax | openvino | float32" in line)
+  assert openvino.endswith("| 20.0 | 22.0 | 2.00x |")
 
 
 def test_the_targets_name_the_best_artifacts_and_their_ratios():
@@ -78,7 +93,8 @@ def test_a_small_run_times_every_runtime_and_writes_json(tmp_path, capsys):
   assert report["isa"] == bench_edge.cpu_isa() != "unknown"
   runtimes = {(r["runtime"], r["precision"]) for r in rows}
   assert {("xla", "float32"), ("onnxruntime", "int8"), ("openvino", "int8"),
-          ("litert", "float32"), ("PyTorch compile", "float32")} <= runtimes
+          ("litert", "float32"), ("litert", "int8"), ("PyTorch compile", "float32")
+          } <= runtimes
   assert all(r["p50_ms"] > 0 and r["calls"] == 1 for r in rows)
   assert {r["model"] for r in rows if r["runtime"] == "openvino"} >= {
       "PoolFormer-S9", "PoolFormer-XS12"}
@@ -97,3 +113,33 @@ def test_table8_rows_alone(tmp_path, capsys):
                                      "PoolFormer-XS12")
       for runtime in ("onnxruntime", "openvino")}
   assert "Table 8 in" in capsys.readouterr().out
+
+
+def test_the_profile_table_gives_each_file_its_milliseconds_and_shares():
+  columns = {"a": ({"Convolution": 3.0, "MVN": 1.0}, {}),
+             "b": ({"Convolution": 1.0, "AvgPool": 1.0}, {})}
+  lines = edge_ops.table(columns, lambda c: c[0], "operation").splitlines()
+  assert lines[2] == "| Convolution | 3.00 (75%) | 1.00 (50%) |"  # largest in "a" first
+  assert "| AvgPool |  | 1.00 (50%) |" in lines
+  assert lines[-1] == "| total (profiled nodes) | 4.00 | 2.00 |"
+
+
+@pytest.mark.heavy  # a real export and OpenVINO's profiler
+def test_openvino_s_profile_of_an_int8_file_names_int8_kernels(tmp_path, capsys):
+  model = riformer_jax.create_model("poolformer_s12", depths=(1, 1, 1, 1),
+                                    dims=(8, 16, 24, 32), num_classes=10)
+  params = random_params(model, np.zeros((1, 64, 64, 3), np.float32), 0)
+  source = store.save_pretrained(tmp_path / "m", "poolformer_s12", dict(
+      depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10), params,
+      preprocessing=store.preprocessing_record(64, 0.875))
+  prefix = str(tmp_path / "p")
+  export.export(source, prefix, ("onnx", "openvino"), batch=1, int8=True,
+                calibration_count=4, log=lambda _: None)
+  by_type, by_kernel = edge_ops.profile(prefix + "_int8.xml", threads=1, calls=2)
+  assert by_type["Convolution"] > 0 and by_type["AvgPool"] > 0
+  assert any(kernel.endswith("I8") for (op, kernel) in by_kernel if op == "Convolution")
+  float32 = edge_ops.profile(prefix + ".xml", threads=1, calls=2)[1]
+  assert not any(kernel.endswith("I8") for _, kernel in float32)
+  edge_ops.main(["--artifacts", prefix, "--int8", "--threads", "1", "--calls", "1"])
+  out = capsys.readouterr().out
+  assert "| p | p_int8 |" in out and "Convolution /" in out

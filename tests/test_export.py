@@ -1,6 +1,7 @@
 """Exported artifacts (ONNX, OpenVINO, LiteRT, jax.export, SavedModel) reload in a fresh
 process that imports only their runtime, and match the Flax model."""
 
+import collections
 import json
 import os
 import shutil
@@ -164,18 +165,19 @@ def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_
     assert all(os.path.exists(f.rstrip("/")) for f in files), files
   assert sorted(os.listdir(tmp_path / "out")) == sorted(  # no staging left behind
       ["m.json", "m.onnx", "m.xml", "m.bin", "m.tflite", "m.jax", "m_savedmodel",
-       "m_int8.onnx", "m_int8.xml", "m_int8.bin"])
+       "m_int8.onnx", "m_int8.xml", "m_int8.bin", "m_int8.tflite"])
 
   images = nhwc_images()
   expected = stacked(flax_logits(model, params, images))  # the training-time model
   prefix = str(tmp_path / "out" / "m")
   runtimes = ("onnxruntime", "openvino", "litert", "jax", "savedmodel")
   logits = reload_in_fresh_processes(
-      tmp_path, [(prefix, r) for r in runtimes] + [(prefix + "_int8", "onnxruntime"),
-                                                   (prefix + "_int8", "openvino")], images)
+      tmp_path, [(prefix, r) for r in runtimes] + [
+          (prefix + "_int8", r) for r in ("onnxruntime", "openvino", "litert")], images)
   for runtime in runtimes:
     assert relative_error(logits[prefix, runtime], expected) < 1e-4, runtime
-  for runtime in ("onnxruntime", "openvino"):
+  assert litert_op_counts(prefix + "_int8.tflite")["QUANTIZE"] > 0
+  for runtime in ("onnxruntime", "openvino", "litert"):
     int8 = logits[prefix + "_int8", runtime]
     error = relative_error(int8, expected)
     # Quantised, so not equal; but the same function to a few percent, not noise.
@@ -254,19 +256,48 @@ def test_float16_and_a_fixed_batch(tmp_path):
     assert 1e-6 < error < 1e-2, (runtime, error)  # float16, not float32
 
 
+def litert_op_counts(path):
+  from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+  # _get_ops_details is the interpreter's only listing of a graph's ops.
+  return collections.Counter(op["op_name"] for op in Interpreter(path)._get_ops_details())
+
+
+@pytest.mark.heavy  # real runtimes or processes: not in `make check`
+def test_litert_at_a_fixed_batch_runs_each_gelu_as_the_builtin_and_matches(tmp_path):
+  """At a fixed batch every block's exact GELU is one builtin GELU op (not an erf
+  polynomial, not the tanh form: the parity says so) and the file computes what Flax
+  does; at a symbolic batch the GELU stays elementwise, with the same parity."""
+  source, model, params = make_source(tmp_path, "poolformer_s12")
+  fixed, symbolic = str(tmp_path / "fixed"), str(tmp_path / "symbolic")
+  export.export(source, fixed, ("litert",), batch=3, log=lambda _: None)
+  export.export(source, symbolic, ("litert",), log=lambda _: None)
+  blocks = sum(TINY["depths"])
+  fixed_ops, symbolic_ops = litert_op_counts(fixed + ".tflite"), litert_op_counts(
+      symbolic + ".tflite")
+  assert fixed_ops["GELU"] == blocks, fixed_ops
+  assert symbolic_ops["GELU"] == 0 and sum(symbolic_ops.values()) > sum(
+      fixed_ops.values()) + 20 * blocks, symbolic_ops
+  images = nhwc_images(count=3)
+  expected = flax_logits(model, params, images)
+  logits = reload_in_fresh_processes(
+      tmp_path, [(fixed, "litert"), (symbolic, "litert")], images, sizes=(3,))
+  for prefix in (fixed, symbolic):
+    assert relative_error(logits[prefix, "litert"], expected) < 1e-5, prefix
+
+
 @pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_int8_accuracy_is_measured_on_the_evaluation_split(tmp_path):
   """runtimes.int8_accuracy: float32 top-1 equals Flax's on the same pipeline images."""
   source, model, params = make_source(tmp_path, "riformer_s12", deploy=True)
   prefix = str(tmp_path / "m")
-  export.export(source, prefix, ("onnx", "openvino"), int8=True, calibration_count=8,
-                log=lambda _: None)
+  export.export(source, prefix, ("onnx", "openvino", "litert"), int8=True,
+                calibration_count=8, log=lambda _: None)
   manifest, rows = runtimes.int8_accuracy(prefix, "synthetic", "test", limit=40)
   batches = list(runtimes.evaluation_batches(manifest, "synthetic", "test", limit=40))
   images, labels = (np.concatenate(parts) for parts in zip(*batches))
   assert len(labels) == 40
   flax_top1 = 100 * np.mean(np.argmax(flax_logits(model, params, images), -1) == labels)
-  assert [r["runtime"] for r in rows] == ["onnxruntime", "openvino"]
+  assert [r["runtime"] for r in rows] == ["onnxruntime", "openvino", "litert"]
   for row in rows:
     assert row["images"] == 40
     assert row["float32_top1"] == pytest.approx(flax_top1)
@@ -317,6 +348,9 @@ def test_int8_accuracy_counts_each_file_s_hits_and_their_agreement(tmp_path, mon
   assert row["float32_top1"] == pytest.approx(100 * float32_hit.mean())  # 80
   assert row["int8_top1"] == pytest.approx(100 * int8_hit.mean())  # 75
   assert row["agreement"] == pytest.approx(100 * (float32_hit == int8_hit).mean())  # 65
+  # The change's standard error over the same 40 images, paired.
+  change = int8_hit.astype(float) - float32_hit
+  assert row["change_se"] == pytest.approx(100 * change.std(ddof=1) / np.sqrt(40))
 
 
 # ------------------------------------------------------------------ errors

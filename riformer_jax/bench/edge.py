@@ -8,7 +8,7 @@ form and with the fused deploy block, IdentityFormer and PoolFormer (at S12 also
 paper's Table 8 PoolFormer-S9 and PoolFormer-XS12, in float32 ONNX Runtime and
 OpenVINO: the runtimes where the deploy form is fastest), each exported by
 `riformer_jax.deploy.export` at batch 1 and 16 and run in XLA (`jax.export`), ONNX Runtime,
-OpenVINO (float32 and int8) and LiteRT; beside them the originals in PyTorch:
+OpenVINO and LiteRT (float32 and int8); beside them the originals in PyTorch:
 MMPreTrain's deploy RIFormer and timm's PoolFormer, eager NCHW, eager channels_last and
 `torch.compile`, plus both exported by `torch.onnx` and run in ONNX Runtime and OpenVINO
 (the export route ours is measured against). OpenVINO rows compute in float32 (its CPU
@@ -220,7 +220,7 @@ def _rows(prefixes, size, resolution, batch, thread_counts, workdir, workers, lo
     for runtime, precision in _SLIMMED_RUNTIMES if label in SLIMMED or table8 else (
         ("xla", "float32"), ("onnxruntime", "float32"), ("onnxruntime", "int8"),
         ("openvino", "float32"), ("openvino", "bfloat16 hint"), ("openvino", "int8"),
-        ("litert", "float32")):
+        ("litert", "float32"), ("litert", "int8")):
       path = prefix + ("_int8" if precision == "int8" else "") + runtimes.SUFFIX[runtime]
       hint = "bf16" if precision == "bfloat16 hint" else None
       for threads in thread_counts:
@@ -335,8 +335,9 @@ def cpu_isa():
 
 
 def table(results, batches=(1, 16)):
-  """Markdown: one row per (model, runtime, precision, threads), both batches."""
-  small, large = batches
+  """Markdown: one row per (model, runtime, precision, threads), both batches (or the
+  first alone)."""
+  small, large = batches[0], (batches[1:] or (None,))[0]
   keyed = {}
   for r in results:
     keyed.setdefault((r["model"], r["source"], r["runtime"], r["precision"],
@@ -351,15 +352,16 @@ def table(results, batches=(1, 16)):
                  "RIFormer (deploy)", "IdentityFormer": "RIFormer (deploy)",
                  "PoolFormer": "PoolFormer", **{label: "PoolFormer" for label in SLIMMED}}
   lines = [f"| model | from | runtime | precision | threads | batch {small} p50 ms | "
-           f"p90 ms | vs best PyTorch | batch {large} img/s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"p90 ms | vs best PyTorch |" + (f" batch {large} img/s |" if large else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if large else "")]
   for (model, source, runtime, precision, threads), by_batch in sorted(
       keyed.items(), key=lambda kv: (kv[0][4], kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
     one, many = by_batch.get(small), by_batch.get(large)
     best = torch_best.get((baseline_of[model], threads))
     cells = [f"{one['p50_ms']:.1f}", f"{one['p90_ms']:.1f}",
              f"{best / one['p50_ms']:.2f}x" if best else ""] if one else ["", "", ""]
-    cells.append(f"{many['images_per_s']:.1f}" if many else "")
+    if large:
+      cells.append(f"{many['images_per_s']:.1f}" if many else "")
     lines.append(f"| {model} | {source} | {runtime} | {precision} | {threads} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -415,7 +417,8 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", default="4,1",
                       help="calls per row per round at batch 1 and at batch 16")
-  parser.add_argument("--large_batch", type=int, default=16)
+  parser.add_argument("--large_batch", type=int, default=16,
+                      help="the throughput rows' batch; 0: batch 1 only")
   parser.add_argument("--calibration_images", type=int, default=32)
   parser.add_argument("--workdir", default=None, help="where the artifacts go (a temp "
                       "directory by default); those already there are reused")
@@ -425,7 +428,7 @@ def main(argv=None):
                            "and -XS12 in ONNX Runtime and OpenVINO, float32")
   args = parser.parse_args(argv)
   threads = tuple(int(t) for t in args.threads.split(","))
-  batches = (1, args.large_batch)
+  batches = (1, args.large_batch) if args.large_batch else (1,)
   calls = tuple(int(c) for c in args.calls.split(","))
   start = time.perf_counter()
   results = measure(args.size, args.resolution, batches, threads, args.rounds, calls,

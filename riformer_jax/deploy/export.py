@@ -19,7 +19,7 @@ timm's `pretrained_cfg` does. Files (PREFIX = `--dst`):
   PREFIX.tflite             LiteRT (TensorFlow Lite)
   PREFIX.jax                a serialized `jax.export.Exported`
   PREFIX_savedmodel/        TensorFlow SavedModel, signature `serving_default`
-  PREFIX_int8.{onnx,xml,bin}   with --int8: post-training static quantisation
+  PREFIX_int8.{onnx,xml,bin,tflite}   with --int8: post-training static quantisation
 
 The routes, chosen by measurement (BENCHMARKS.md, "Edge, this CPU"):
   ONNX: the graph is built from the params (`riformer_jax.deploy.onnx_graph` says why).
@@ -45,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from riformer_jax.deploy import runtimes
-from riformer_jax.models import baselines, metaformer, registry, surgery
+from riformer_jax.models import activations, baselines, metaformer, registry, surgery
 from riformer_jax.weights import hub, pretrained, store
 
 FORMATS = ("onnx", "openvino", "litert", "jax", "savedmodel")
-# TFLiteConverter's int8 (representative data set) on the StableHLO route wrote files
-# that LiteRT 2.3 aborts on in allocate_tensors (2026-12-02), so LiteRT has no int8.
-INT8_FORMATS = ("onnx", "openvino")
+# LiteRT's int8 comes from ai-edge-quantizer: TFLiteConverter's own int8 (representative
+# data set) on the StableHLO route wrote files that LiteRT 2.3 aborts on (2026-12-02).
+INT8_FORMATS = ("onnx", "openvino", "litert")
 # Which files each format writes, by suffix of PREFIX (a "/" ends a directory).
 _FILES = {"onnx": (".onnx",), "openvino": (".xml", ".bin"), "litert": (".tflite",),
           "jax": (".jax",), "savedmodel": ("_savedmodel/",)}
@@ -133,9 +133,11 @@ def _tf_function(module, params, resolution, batch, layout, preprocess):
 
   shape, dtype = input_spec(resolution, batch, layout, preprocess)
   polymorphic = None if batch else ["(b, " + ", ".join(map(str, shape[1:])) + ")"]
-  converted = jax2tf.convert(inference_function(module, params, layout, preprocess),
-                             polymorphic_shapes=polymorphic,
-                             native_serialization_platforms=("cpu", "cuda"))
+  converted = jax2tf.convert(
+      inference_function(module, params, layout, preprocess),
+      polymorphic_shapes=polymorphic, native_serialization_platforms=("cpu", "cuda"),
+      native_serialization_disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call(activations.ERF_CUSTOM_CALL)])
 
   @tf.function(input_signature=[tf.TensorSpec(shape, tf.as_dtype(dtype), name="images")],
                autograph=False)  # plain call, nothing to convert (and no warnings)
@@ -163,8 +165,9 @@ def litert_model(module, params, resolution, batch=None, layout="NHWC", preproce
   holder = tf.Module()  # what the converter reads the function's variables from
   holder.serving_default = _tf_function(module, params, resolution, batch, layout,
                                         preprocess)
-  converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [holder.serving_default.get_concrete_function()], holder)
+  with activations.builtin_gelu_for_litert():  # GELU as one builtin op (at a fixed batch)
+    concrete = holder.serving_default.get_concrete_function()
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
   if dtype == "float16":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
@@ -239,6 +242,37 @@ def quantize_onnx(source_path, destination_path, calibration, batch=None):
     os.remove(prepared)
 
 
+# The layers LiteRT's int8 quantises, by tensor name (jax2tf names them by module path):
+# all but the stem (raw pixels in) and the head (logits out), as quantize_onnx does.
+_LITERT_INT8_LAYERS = r"^(?!.*/(stem|head)/).*$"
+
+
+def quantize_litert(float_model, calibration, batch=None):
+  """ai-edge-quantizer's static int8 of a LiteRT float32 file, chosen as
+  `quantize_onnx` is: int8 weights (per output channel) and int8 activations of the
+  convolutions and matmuls (CONV_2D, FULLY_CONNECTED: the MLPs, the downsampling)
+  except the stem and the head; the norms, the GELU and the residual stream stay float
+  (the file takes and returns float32). Ranges are the min/max over the calibration
+  images, `batch` at a time (the file's fixed batch, or one by one)."""
+  from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+  from ai_edge_quantizer import quantizer  # noqa: PLC0415
+
+  ((signature, names),) = Interpreter(model_content=float_model).get_signature_list(
+      ).items()
+  (input_name,) = names["inputs"]
+  rows = batch or 1
+  samples = [{input_name: calibration[i:i + rows]}
+             for i in range(0, len(calibration) - rows + 1, rows)]
+  quantise = quantizer.Quantizer(float_model)
+  for operation in ("CONV_2D", "FULLY_CONNECTED"):
+    quantise.add_static_config(_LITERT_INT8_LAYERS, operation, activation_num_bits=8,
+                               weight_num_bits=8)
+  ranges = quantise.calibrate({signature: samples}, num_threads=os.cpu_count() or 1)
+  result = quantise.quantize(ranges, enable_progress_bar=False,
+                             enable_progress_report=False)
+  return bytes(result.quantized_model)
+
+
 def save_openvino(onnx_path, xml_path, dtype="float32"):
   """OpenVINO IR converted by OpenVINO from the ONNX file (weights float16 on request).
 
@@ -294,9 +328,9 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
     raise ExportError(f"--dtype={dtype}: expected float32 or float16")
   if int8 and dtype != "float32":
     raise ExportError("--int8 quantises the float32 model; drop --dtype=float16")
-  if int8 and not {"onnx", "openvino"} & set(formats):
-    raise ExportError(f"--int8 writes int8 onnx and openvino artifacts; --format "
-                      f"{','.join(formats)} has neither")
+  if int8 and not set(INT8_FORMATS) & set(formats):
+    raise ExportError(f"--int8 writes int8 {', '.join(INT8_FORMATS)} artifacts; --format "
+                      f"{','.join(formats)} has none of them")
   if int8 and batch and calibration_count < batch:
     raise ExportError(f"--calibration_images={calibration_count} is less than one "
                       f"batch of {batch}")
@@ -338,8 +372,12 @@ def export(src, prefix, formats=FORMATS, *, resolution=None, batch=None, layout=
         if int8:
           save_openvino(stage + "_int8.onnx", stage + "_int8.xml")
     if "litert" in formats:
+      float_model = litert_model(module, params, size, dtype=dtype, **kwargs)
       with open(stage + ".tflite", "wb") as f:
-        f.write(litert_model(module, params, size, dtype=dtype, **kwargs))
+        f.write(float_model)
+      if int8:
+        with open(stage + "_int8.tflite", "wb") as f:
+          f.write(quantize_litert(float_model, calibration, batch))
     # float16 in XLA: the model's own compute dtype (params and norm statistics
     # stay float32, as in training with a half-precision compute dtype).
     xla_module = module.clone(dtype=jnp.float16) if dtype == "float16" else module
@@ -415,7 +453,7 @@ def main(argv=None):
                       help="recorded in the manifest (default: the source's, else "
                            "0.9; 0: no resize, only the centre crop)")
   parser.add_argument("--int8", action="store_true",
-                      help="also int8 onnx and openvino, calibrated on --calibration_*")
+                      help="also int8 onnx, openvino and litert, calibrated on --calibration_*")
   parser.add_argument("--calibration_dataset", default="synthetic",
                       help="any data set riformer_jax.data.sources reads (default: the embedded one)")
   parser.add_argument("--calibration_split", default="train")

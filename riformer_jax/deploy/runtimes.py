@@ -174,18 +174,26 @@ def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limi
   if not runners:
     raise FileNotFoundError(f"{prefix}: no float32/int8 pair of artifacts (export "
                             "with --int8)")
-  counts = {runtime: np.zeros(3, np.int64) for runtime in runners}  # f32, int8, agree
+  # Per runtime: float32 right, int8 right, the two agree, and the images only one of
+  # them gets right (float32 only, int8 only), for the drop's standard error.
+  counts = {runtime: np.zeros(5, np.int64) for runtime in runners}
   total = 0
   for images, labels in evaluation_batches(manifest, dataset, split, data_dir, limit):
     total += len(labels)
     for runtime, (float32_run, int8_run) in runners.items():
       float32, int8 = predict(float32_run, images, batch), predict(int8_run, images, batch)
-      counts[runtime] += [np.sum(float32 == labels), np.sum(int8 == labels),
-                          np.sum(float32 == int8)]
-  rows = [{"runtime": runtime, "images": total,
-           **dict(zip(("float32_top1", "int8_top1", "agreement"),
-                      (100 * float(c) / total for c in count)))}
-          for runtime, count in counts.items()]
+      right32, right8 = float32 == labels, int8 == labels
+      counts[runtime] += [np.sum(right32), np.sum(right8), np.sum(float32 == int8),
+                          np.sum(right32 & ~right8), np.sum(right8 & ~right32)]
+  rows = []
+  for runtime, (right32, right8, agree, only32, only8) in counts.items():
+    # The change is the mean of a per-image difference d in {-1, 0, 1} (the same images
+    # through both files): its standard error is std(d) / sqrt(n).
+    change = (only8 - only32) / total
+    spread = np.sqrt(max((only8 + only32) / total - change ** 2, 0.0) / max(total - 1, 1))
+    rows.append({"runtime": runtime, "images": total,
+                 "float32_top1": 100 * right32 / total, "int8_top1": 100 * right8 / total,
+                 "agreement": 100 * agree / total, "change_se": 100 * float(spread)})
   return manifest, rows
 
 
@@ -209,11 +217,12 @@ def main(argv=None):
     sys.exit(f"edge: {e}")
   print(f"{manifest['model']} from {manifest['source']}, {args.dataset}/{args.split}, "
         f"{rows[0]['images']} images")
-  print("| runtime | float32 top-1 | int8 top-1 | change | top-1 agreement |")
+  print("| runtime | float32 top-1 | int8 top-1 | change ± SE | top-1 agreement |")
   print("|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['runtime']} | {r['float32_top1']:.2f} | {r['int8_top1']:.2f} | "
-          f"{r['int8_top1'] - r['float32_top1']:+.2f} | {r['agreement']:.2f} |")
+          f"{r['int8_top1'] - r['float32_top1']:+.2f} ± {r['change_se']:.2f} | "
+          f"{r['agreement']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"manifest": manifest, "rows": rows}, f, indent=2)

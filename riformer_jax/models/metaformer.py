@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from riformer_jax.models import activations
+
 TOKEN_MIXERS = ("pooling", "affine", "identity")
 HEADS = ("original", "timm")
 
@@ -84,13 +86,20 @@ class Pooling(nn.Module):
 
 
 class Affine(nn.Module):
-  """RIFormer's training-time mixer (paper Eq. 1): `scale * x + bias - x` per channel."""
+  """RIFormer's training-time mixer (paper Eq. 1): `scale * x + bias - x` per channel.
+
+  Attributes:
+    scale_init: MMPreTrain initialises this depthwise 1x1 conv like every other conv
+      (`weight_init`, scale near 0, so the branch starts near `-x`); `ones` starts the
+      branch at 0.
+  """
+
+  scale_init: Any = weight_init
 
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
-    # MMPreTrain initialises this depthwise 1x1 conv like every other conv.
-    scale = self.param("scale", weight_init, (dim,))
+    scale = self.param("scale", self.scale_init, (dim,))
     bias = self.param("bias", nn.initializers.zeros, (dim,))
     # Float32 parameters promote the arithmetic: s close to 1 would cancel in bfloat16.
     return (x * scale + bias - x).astype(x.dtype)
@@ -108,7 +117,7 @@ class Mlp(nn.Module):
     dim = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=weight_init)
     x = dense(self.hidden_dim, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = activations.gelu(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     x = dense(dim, name="fc2")(x)
     return nn.Dropout(self.drop_rate, deterministic=not train)(x)
