@@ -278,3 +278,17 @@ def test_summary_command_prints_the_reference_counts(capsys):
   summary.main(["randformer_s12", "--resolution", "384"])
   assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["randformer_s12",
                                                                  "13,923,840"]
+
+
+def test_table_8_s_slimmed_poolformers_have_the_shapes_docs_models_states():
+  """S9: S12 with the third stage halved (2-2-3-2); XS12: 5/6 of each width, to a
+  multiple of 8. Counts and MACs at 224 as docs/models.md and BENCHMARKS.md give them."""
+  expected = {"poolformer_s9": ((2, 2, 3, 2), (64, 128, 320, 512), 9_447_016, 1.331),
+              "poolformer_xs12": ((2, 2, 6, 2), (56, 104, 264, 424), 8_217_200, 1.255),
+              "poolformer_s12": ((2, 2, 6, 2), (64, 128, 320, 512), 11_915_176, 1.812)}
+  for name, (depths, dims, params, gmacs) in expected.items():
+    model = riformer_jax.create_model(name)
+    assert (tuple(model.depths), tuple(model.dims)) == (depths, dims), name
+    assert counting.count_params(counting.abstract_variables(model, 224)) == params, name
+    assert counting.count_macs(model, 224) / 1e9 == pytest.approx(gmacs, abs=1e-3), name
+  assert [round(5 * d / 6 / 8) * 8 for d in (64, 128, 320, 512)] == [56, 104, 264, 424]

@@ -140,3 +140,23 @@ def test_the_onnx_graph_computes_what_the_flax_baseline_does(name, kwargs):
   with pytest.raises(ValueError, match=r"not \['sepconv'\]"):
     onnx_graph.baseline_model(params, token_mixers=("sepconv",) * 4, norm="layernorm",
                               resolution=32)
+
+
+def test_the_student_s_mixer_branches_start_at_zero_unless_the_conv_init_is_asked():
+  """`affine_init="identity"` (the default) starts every block's mixer branch at 0, as
+  v1's layer scale does (the v2 block has none); "conv", MMPreTrain's initialisation,
+  starts it near -norm1(x), whole-sized."""
+  x = images()
+  largest = {}
+  for init in baselines.AFFINE_INITS:
+    student = riformer_jax.create_model("riformerv2_s12", **SHAPE, affine_init=init)
+    variables = jax.jit(student.init)(jax.random.key(0), x)
+    _, state = jax.jit(lambda v, s=student: s.apply(v, x, mutable=["intermediates"]))(
+        variables)
+    outputs = [block["mixer_output"][0] for stage in state["intermediates"].values()
+               for block in stage.values()]
+    assert len(outputs) == sum(SHAPE["depths"])
+    largest[init] = max(float(jnp.abs(o).max()) for o in outputs)
+  assert largest["identity"] == 0.0 and largest["conv"] > 0.5, largest
+  with pytest.raises(ValueError, match="affine_init='zero'"):
+    riformer_jax.create_model("riformerv2_s12", affine_init="zero")

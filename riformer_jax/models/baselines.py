@@ -51,6 +51,7 @@ from riformer_jax.models.metaformer import (
   weight_init,
 )
 
+AFFINE_INITS = {"identity": nn.initializers.ones, "conv": weight_init}
 TOKEN_MIXERS = ("pooling", "sepconv", "attention", "identity", "random", "affine")
 NORMS = ("groupnorm", "layernorm")
 
@@ -171,6 +172,7 @@ class BaselineBlock(nn.Module):
   norm: str
   res_scale: bool
   num_tokens: int = 0  # the random mixer's N
+  affine_init: str = "identity"
   deploy: bool = False
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
@@ -203,7 +205,8 @@ class BaselineBlock(nn.Module):
   def _mixer(self, normed):
     if self.token_mixer == "identity":
       return normed
-    mixer = {"affine": Affine, "pooling": Pooling,
+    mixer = {"affine": functools.partial(Affine, AFFINE_INITS[self.affine_init]),
+             "pooling": Pooling,
              "sepconv": functools.partial(SepConv, self.dtype),
              "random": functools.partial(RandomMixing, self.num_tokens, self.dtype),
              "attention": functools.partial(Attention, dtype=self.dtype)}[self.token_mixer]
@@ -267,6 +270,11 @@ class MetaFormerBaseline(nn.Module):
     drop_path_rate: stochastic depth of the last block, ramped linearly from 0.
     img_size: the input size the random mixers' matrices are made for (RandFormer
       runs at this size only; the other mixers take any size).
+    affine_init: the affine mixer's scale at initialisation, one of `AFFINE_INITS`.
+      "identity" (scale 1) starts each block's mixer branch at 0, as v1's layer scale
+      of 1e-5 does; "conv" is MMPreTrain's conv initialisation (scale near 0), which
+      without a layer scale starts every block at `x - norm1(x)` and left the student
+      at chance on the embedded set (docs/roadmap.md, Table 9).
     deploy: the affine student's inference form (`norm_reparam`, no mixer).
     remat: recompute each block in the backward pass instead of storing it.
     dtype: compute dtype; norm statistics and the residual stream stay float32.
@@ -282,6 +290,7 @@ class MetaFormerBaseline(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   img_size: int = 224
+  affine_init: str = "identity"
   deploy: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
@@ -296,6 +305,9 @@ class MetaFormerBaseline(nn.Module):
     bad = sorted(set(self.token_mixers) - set(TOKEN_MIXERS))
     if bad:
       raise ValueError(f"token_mixers: unknown {bad}; expected some of {TOKEN_MIXERS}")
+    if self.affine_init not in AFFINE_INITS:
+      raise ValueError(f"affine_init={self.affine_init!r}: expected one of "
+                       f"{tuple(AFFINE_INITS)}")
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
     if self.deploy and set(self.token_mixers) != {"affine"}:
@@ -316,7 +328,7 @@ class MetaFormerBaseline(nn.Module):
           nn.remat(BaselineBlock, static_argnums=(2,)) if self.remat else BaselineBlock,
           token_mixer=self.token_mixers[i], norm=self.norm,
           res_scale=self.res_scale[i], num_tokens=stage_grid(self.img_size, i) ** 2,
-          deploy=self.deploy, drop_rate=self.drop_rate, dtype=self.dtype)
+          affine_init=self.affine_init, deploy=self.deploy, drop_rate=self.drop_rate, dtype=self.dtype)
       downsample = functools.partial(
           ConvNorm, self.dims[i], 3, 2, 1, norm_first=True, dtype=self.dtype
       ) if i > 0 else None

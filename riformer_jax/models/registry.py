@@ -64,7 +64,7 @@ _BASELINE_FAMILIES = {
     # Table 9's student: the baselines' block (GroupNorm(1) as PoolFormerV2 and
     # RandFormer, linear head) with RIFormer's affine mixer. Distilled from ConvFormer
     # or CAFormer, `norm="layernorm", mlp_head=True` makes every tensor but the
-    # mixer's match the teacher's (configs/table9.py).
+    # mixer's match the teacher's (configs/roadmap.py, Table 9).
     "riformerv2": dict(token_mixers=("affine",) * 4, norm="groupnorm"),
 }
 
