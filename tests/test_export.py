@@ -14,7 +14,7 @@ import pytest
 
 import riformer_jax
 from riformer_jax.data import pipeline
-from riformer_jax.deploy import export, onnx_graph, runtimes
+from riformer_jax.deploy import export, onnx_graph, runtimes, sensitivity
 from riformer_jax.weights import store
 
 from conftest import TINY, random_params, relative_error
@@ -351,6 +351,36 @@ def test_int8_accuracy_counts_each_file_s_hits_and_their_agreement(tmp_path, mon
   # The change's standard error over the same 40 images, paired.
   change = int8_hit.astype(float) - float32_hit
   assert row["change_se"] == pytest.approx(100 * change.std(ddof=1) / np.sqrt(40))
+
+
+@pytest.mark.heavy  # real quantisation and ONNX Runtime
+def test_sensitivity_quantises_each_layer_alone_then_leaves_the_worst_float(
+    tmp_path, capsys):
+  source, _, _ = make_source(tmp_path, "poolformer_s12")
+  prefix = str(tmp_path / "m")
+  export.export(source, prefix, ("onnx",), log=lambda _: None)
+  layers, stem = sensitivity.quantisable_layers(prefix + ".onnx")
+  # TINY's 6 blocks have 2 MLP convs each, and 3 downsampling convs; the stem apart.
+  assert len(layers) == 15 and len(stem) == 1 and stem[0].startswith("stem")
+  float32_top1, count, alone, kept_float = sensitivity.measure(
+      prefix, drop=2, calibration_count=8, limit=64, log=lambda _: None)
+  assert count == 64 and sorted(row["layer"] for row in alone) == sorted(layers)
+  assert [row["agreement"] for row in alone] == sorted(row["agreement"] for row in alone)
+  downsampling = [name for name in layers if ".downsample" in name]
+  assert [row["float_layers"] for row in kept_float] == [
+      [], [alone[0]["layer"]], [alone[0]["layer"], alone[1]["layer"]], downsampling]
+  assert len(downsampling) == 3 and kept_float[-1]["export"]
+  # The last row is the export's own int8 file: the same predictions.
+  export.export(source, str(tmp_path / "e"), ("onnx",), int8=True, calibration_count=8,
+                log=lambda _: None)
+  (row,) = [r for r in runtimes.int8_accuracy(str(tmp_path / "e"), limit=64)[1]]
+  assert kept_float[-1]["agreement"] == pytest.approx(row["agreement"])
+  assert kept_float[-1]["top1"] == pytest.approx(row["int8_top1"])
+  assert row["float32_top1"] == pytest.approx(float32_top1)
+  sensitivity.main(["--artifacts", prefix, "--drop", "1", "--calibration_images", "8",
+                    "--limit", "32"])
+  out = capsys.readouterr().out
+  assert "| layer quantised alone |" in out and "(the export)" in out
 
 
 # ------------------------------------------------------------------ errors

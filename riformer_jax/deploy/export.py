@@ -205,17 +205,27 @@ def _onnx_covers(module):
   return isinstance(module, metaformer.MetaFormer)
 
 
-def quantize_onnx(source_path, destination_path, calibration, batch=None):
+def float_convs(onnx_path):
+  """The Conv nodes `quantize_onnx` keeps float by default: the stem (raw pixels in)
+  and the downsampling convolutions."""
+  import onnx  # noqa: PLC0415
+  return [node.name for node in onnx.load(onnx_path).graph.node if node.op_type == "Conv"
+          and (node.name.startswith("stem") or ".downsample" in node.name)]
+
+
+def quantize_onnx(source_path, destination_path, calibration, batch=None, only=None,
+                  float_layers=None):
   """ONNX Runtime's post-training static quantisation: int8 weights (per output
   channel) and uint8 activations of the Convs, as QuantizeLinear / DequantizeLinear
-  pairs (QDQ: ONNX Runtime and OpenVINO both run it in int8). The stem (raw pixels in)
-  and the classifier (logits out) stay float, as do the norms and the residual stream:
-  their ranges are wide and they are a small part of the work. On the demo's models
-  this kept top-1 agreement with float32 at 95.1% (student) and 99.4% (PoolFormer),
-  against 95.0% and 98.9% quantising them too; percentile or entropy calibration and
-  512 images did no better (BENCHMARKS.md). Ranges are the min/max over the calibration
-  images, fed `batch` at a time (the graph's fixed batch, or one by one)."""
-  import onnx  # noqa: PLC0415
+  pairs (QDQ: ONNX Runtime and OpenVINO both run it in int8). By default
+  (`float_layers=None`) those of the MLPs only: the stem, the downsampling convolutions
+  (`float_convs`) and the classifier stay float, as do the norms and the residual
+  stream. The downsampling convolutions were the layers that cost most when quantised
+  alone (riformer_jax.deploy.sensitivity); keeping them float took the demo's
+  distilled student from -2.2 to +0.0 points and its teacher from -1.7 to -0.1
+  (BENCHMARKS.md). Ranges are the min/max over the calibration images, fed `batch` at
+  a time (the graph's fixed batch, or one by one). `only`: these Conv nodes alone;
+  `float_layers`: the Conv nodes to keep float instead of the default ones."""
   from onnxruntime import quantization  # noqa: PLC0415
 
   class Reader(quantization.CalibrationDataReader):
@@ -234,26 +244,29 @@ def quantize_onnx(source_path, destination_path, calibration, batch=None):
     quantization.quantize_static(
         prepared, destination_path, Reader(), quant_format=quantization.QuantFormat.QDQ,
         op_types_to_quantize=["Conv"], per_channel=True,
-        nodes_to_exclude=[node.name for node in onnx.load(prepared).graph.node
-                          if node.name.startswith("stem")],
+        nodes_to_quantize=list(only) if only else None,
+        nodes_to_exclude=(float_convs(prepared) if float_layers is None
+                          else list(float_layers)),
         activation_type=quantization.QuantType.QUInt8,
         weight_type=quantization.QuantType.QInt8)
   finally:
     os.remove(prepared)
 
 
-# The layers LiteRT's int8 quantises, by tensor name (jax2tf names them by module path):
-# all but the stem (raw pixels in) and the head (logits out), as quantize_onnx does.
+# The layers LiteRT's int8 may quantise, by tensor name (jax2tf names them by module
+# path): not the stem (raw pixels in) nor the head (logits out), as quantize_onnx.
 _LITERT_INT8_LAYERS = r"^(?!.*/(stem|head)/).*$"
 
 
 def quantize_litert(float_model, calibration, batch=None):
-  """ai-edge-quantizer's static int8 of a LiteRT float32 file, chosen as
-  `quantize_onnx` is: int8 weights (per output channel) and int8 activations of the
-  convolutions and matmuls (CONV_2D, FULLY_CONNECTED: the MLPs, the downsampling)
-  except the stem and the head; the norms, the GELU and the residual stream stay float
-  (the file takes and returns float32). Ranges are the min/max over the calibration
-  images, `batch` at a time (the file's fixed batch, or one by one)."""
+  """ai-edge-quantizer's static int8 of a LiteRT float32 file: int8 weights (per output
+  channel) and int8 activations (asymmetric) of the MLPs' matmuls (FULLY_CONNECTED, all
+  but the head's), where nearly all the multiply-adds are. Unlike `quantize_onnx`, the
+  downsampling convolutions stay float: quantising LiteRT's CONV_2D as well cost the
+  demo's teacher 9 points (85.6 against 94.8 on 500 test images; 94.2 without them).
+  The norms, the GELU and the residual stream stay float (the file takes and returns
+  float32). Ranges are the min/max over the calibration images, `batch` at a time (the
+  file's fixed batch, or one by one)."""
   from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
   from ai_edge_quantizer import quantizer  # noqa: PLC0415
 
@@ -264,9 +277,8 @@ def quantize_litert(float_model, calibration, batch=None):
   samples = [{input_name: calibration[i:i + rows]}
              for i in range(0, len(calibration) - rows + 1, rows)]
   quantise = quantizer.Quantizer(float_model)
-  for operation in ("CONV_2D", "FULLY_CONNECTED"):
-    quantise.add_static_config(_LITERT_INT8_LAYERS, operation, activation_num_bits=8,
-                               weight_num_bits=8)
+  quantise.add_static_config(_LITERT_INT8_LAYERS, "FULLY_CONNECTED",
+                             activation_num_bits=8, weight_num_bits=8)
   ranges = quantise.calibrate({signature: samples}, num_threads=os.cpu_count() or 1)
   result = quantise.quantize(ranges, enable_progress_bar=False,
                              enable_progress_report=False)

@@ -187,14 +187,20 @@ def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limi
                           np.sum(right32 & ~right8), np.sum(right8 & ~right32)]
   rows = []
   for runtime, (right32, right8, agree, only32, only8) in counts.items():
-    # The change is the mean of a per-image difference d in {-1, 0, 1} (the same images
-    # through both files): its standard error is std(d) / sqrt(n).
-    change = (only8 - only32) / total
-    spread = np.sqrt(max((only8 + only32) / total - change ** 2, 0.0) / max(total - 1, 1))
     rows.append({"runtime": runtime, "images": total,
                  "float32_top1": 100 * right32 / total, "int8_top1": 100 * right8 / total,
-                 "agreement": 100 * agree / total, "change_se": 100 * float(spread)})
+                 "agreement": 100 * agree / total,
+                 "change_se": change_standard_error(only32, only8, total)})
   return manifest, rows
+
+
+def change_standard_error(only_before, only_after, total):
+  """The standard error (in points) of a top-1 change measured on the same `total`
+  images, `only_before` of them right before only and `only_after` after only: the
+  change is the mean of a per-image d in {-1, 0, 1}, its error std(d) / sqrt(n)."""
+  change = (only_after - only_before) / total
+  variance = max((only_after + only_before) / total - change ** 2, 0.0)
+  return 100 * float(np.sqrt(variance / max(total - 1, 1)))
 
 
 def main(argv=None):
