@@ -297,7 +297,7 @@ def measure(size="s12", resolution=224, batches=(1, 16), thread_counts=(1, 2), r
 # ----------------------------------------------------------------- report
 
 
-def _cpu_name():
+def cpu_name():
   try:
     with open("/proc/cpuinfo") as f:
       return next(line.split(":", 1)[1].strip() for line in f
@@ -434,7 +434,7 @@ def main(argv=None):
   results = measure(args.size, args.resolution, batches, threads, args.rounds, calls,
                     args.calibration_images, args.workdir,
                     log=lambda m: print(m, flush=True), table8=args.table8)
-  print(f"\n{_cpu_name()} ({cpu_isa()}), {len(os.sched_getaffinity(0))} cores; {args.size} at "
+  print(f"\n{cpu_name()} ({cpu_isa()}), {len(os.sched_getaffinity(0))} cores; {args.size} at "
         f"{args.resolution} px; {args.rounds} rounds, interleaved; "
         f"{time.perf_counter() - start:.0f} s in all")
   print(table(results, batches))
@@ -442,7 +442,7 @@ def main(argv=None):
   print(targets(results))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"cpu": _cpu_name(), "isa": cpu_isa(), "cores": len(os.sched_getaffinity(0)),
+      json.dump({"cpu": cpu_name(), "isa": cpu_isa(), "cores": len(os.sched_getaffinity(0)),
                  "versions": runtimes.package_versions(
                      ("jax", "onnxruntime", "openvino", "ai-edge-litert",
                       "tensorflow-cpu", "torch", "timm", "mmpretrain")), "args": vars(args), "rows": results}, f,

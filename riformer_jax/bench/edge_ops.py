@@ -84,7 +84,7 @@ def main(argv=None):
     sys.exit(f"edge_ops: {', '.join(missing)}: no such file (export it first)")
   columns = {os.path.basename(p)[:-len(".xml")]: profile(p, args.threads, args.calls)
              for p in paths}
-  print(f"{bench_edge._cpu_name()} ({bench_edge.cpu_isa()}), OpenVINO CPU, "
+  print(f"{bench_edge.cpu_name()} ({bench_edge.cpu_isa()}), OpenVINO CPU, "
         f"{args.threads or 'default'} thread(s), ms per call, mean of {args.calls}")
   print(table(columns, lambda c: c[0], "operation"))
   print()
