@@ -174,33 +174,33 @@ def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limi
   if not runners:
     raise FileNotFoundError(f"{prefix}: no float32/int8 pair of artifacts (export "
                             "with --int8)")
-  # Per runtime: float32 right, int8 right, the two agree, and the images only one of
-  # them gets right (float32 only, int8 only), for the drop's standard error.
-  counts = {runtime: np.zeros(5, np.int64) for runtime in runners}
-  total = 0
+  counts = {runtime: np.zeros(6, np.int64) for runtime in runners}
   for images, labels in evaluation_batches(manifest, dataset, split, data_dir, limit):
-    total += len(labels)
     for runtime, (float32_run, int8_run) in runners.items():
-      float32, int8 = predict(float32_run, images, batch), predict(int8_run, images, batch)
-      right32, right8 = float32 == labels, int8 == labels
-      counts[runtime] += [np.sum(right32), np.sum(right8), np.sum(float32 == int8),
-                          np.sum(right32 & ~right8), np.sum(right8 & ~right32)]
-  rows = []
-  for runtime, (right32, right8, agree, only32, only8) in counts.items():
-    rows.append({"runtime": runtime, "images": total,
-                 "float32_top1": 100 * right32 / total, "int8_top1": 100 * right8 / total,
-                 "agreement": 100 * agree / total,
-                 "change_se": change_standard_error(only32, only8, total)})
-  return manifest, rows
+      counts[runtime] += prediction_counts(predict(float32_run, images, batch),
+                                           predict(int8_run, images, batch), labels)
+  return manifest, [dict(runtime=runtime, **comparison(count))
+                    for runtime, count in counts.items()]
 
 
-def change_standard_error(only_before, only_after, total):
-  """The standard error (in points) of a top-1 change measured on the same `total`
-  images, `only_before` of them right before only and `only_after` after only: the
-  change is the mean of a per-image d in {-1, 0, 1}, its error std(d) / sqrt(n)."""
-  change = (only_after - only_before) / total
-  variance = max((only_after + only_before) / total - change ** 2, 0.0)
-  return 100 * float(np.sqrt(variance / max(total - 1, 1)))
+def prediction_counts(float32, int8, labels):
+  """`[float32 right, int8 right, the two agree, float32 only right, int8 only right,
+  images]` of two files' predictions on the same images: sums over batches add up."""
+  right32, right8 = float32 == labels, int8 == labels
+  return np.array([np.sum(right32), np.sum(right8), np.sum(float32 == int8),
+                   np.sum(right32 & ~right8), np.sum(right8 & ~right32), len(labels)])
+
+
+def comparison(counts):
+  """`{images, float32_top1, int8_top1, agreement, change_se}` (points) of
+  `prediction_counts`. The change is the mean of a per-image d in {-1, 0, 1} over the
+  same images, so its standard error is std(d) / sqrt(n)."""
+  right32, right8, agree, only32, only8, total = (int(c) for c in counts)
+  change = (only8 - only32) / total
+  variance = max((only8 + only32) / total - change ** 2, 0.0)
+  return {"images": total, "float32_top1": 100 * right32 / total,
+          "int8_top1": 100 * right8 / total, "agreement": 100 * agree / total,
+          "change_se": 100 * float(np.sqrt(variance / max(total - 1, 1)))}
 
 
 def main(argv=None):

@@ -44,12 +44,9 @@ def _scorer(prefix, dataset, split, data_dir, limit):
 
   def score(path):
     int8 = runtimes.predict(runtimes.load(path, "onnxruntime"), images, batch)
-    right32, right8 = float32 == labels, int8 == labels
-    return {"top1": 100 * np.mean(right8),
-            "change": 100 * (np.mean(right8) - np.mean(right32)),
-            "change_se": runtimes.change_standard_error(
-                np.sum(right32 & ~right8), np.sum(right8 & ~right32), len(labels)),
-            "agreement": 100 * np.mean(int8 == float32)}
+    row = runtimes.comparison(runtimes.prediction_counts(float32, int8, labels))
+    return {"top1": row["int8_top1"], "change": row["int8_top1"] - row["float32_top1"],
+            "change_se": row["change_se"], "agreement": row["agreement"]}
   return manifest, batch, 100 * np.mean(float32 == labels), len(labels), score
 
 
