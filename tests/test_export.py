@@ -177,6 +177,12 @@ def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_
   for runtime in runtimes:
     assert relative_error(logits[prefix, runtime], expected) < 1e-4, runtime
   assert litert_op_counts(prefix + "_int8.tflite")["QUANTIZE"] > 0
+  # LiteRT's int8 takes the MLPs' first matmuls only (export.quantize_litert).
+  from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+  int8_tensors = [t["name"] for t in Interpreter(prefix + "_int8.tflite").get_tensor_details()
+                  if t["dtype"] == np.int8]
+  assert any("/fc1/" in name for name in int8_tensors), int8_tensors
+  assert not any("/fc2/" in name or "/head/" in name for name in int8_tensors)
   for runtime in ("onnxruntime", "openvino", "litert"):
     int8 = logits[prefix + "_int8", runtime]
     error = relative_error(int8, expected)
