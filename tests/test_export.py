@@ -177,7 +177,7 @@ def test_every_format_of_a_training_time_riformer_reloads_alone_and_matches(tmp_
   for runtime in runtimes:
     assert relative_error(logits[prefix, runtime], expected) < 1e-4, runtime
   assert litert_op_counts(prefix + "_int8.tflite")["QUANTIZE"] > 0
-  # LiteRT's int8 takes the MLPs' first matmuls only (export.quantize_litert).
+  # LiteRT's int8 takes the MLPs' first matmuls only (quantize.quantize_litert).
   from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
   int8_tensors = [t["name"] for t in Interpreter(prefix + "_int8.tflite").get_tensor_details()
                   if t["dtype"] == np.int8]

@@ -1,4 +1,4 @@
-"""int8 recipes (riformer_jax.deploy.int8_trials, export.quantize_nncf): real ONNX
+"""int8 recipes (riformer_jax.deploy.int8_trials, riformer_jax.deploy.quantize): real ONNX
 Runtime, OpenVINO and NNCF on a tiny PoolFormer at 32 px."""
 
 import collections
@@ -11,7 +11,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from riformer_jax.deploy import export, int8_trials, runtimes
+from riformer_jax.deploy import export, int8_trials, quantize, runtimes
 
 from test_export import make_source
 
@@ -47,9 +47,9 @@ def test_nncf_quantises_the_residual_stream_too_and_keeps_the_ignored_layers_flo
   _, prefix = float32_file
   images = calibration(prefix, 8)
   everything, ignoring = str(tmp_path / "all.onnx"), str(tmp_path / "ignored.onnx")
-  export.quantize_nncf(prefix + ".onnx", everything, images)
-  kept_float = export.float_convs(prefix + ".onnx")
-  export.quantize_nncf(prefix + ".onnx", ignoring, images, ignored=kept_float)
+  quantize.quantize_nncf(prefix + ".onnx", everything, images)
+  kept_float = quantize.float_convs(prefix + ".onnx")
+  quantize.quantize_nncf(prefix + ".onnx", ignoring, images, ignored=kept_float)
   nodes = {n.name: n.op_type for n in onnx.load(prefix + ".onnx").graph.node}
   by_nncf, by_nncf_ignoring = quantised_inputs(everything), quantised_inputs(ignoring)
   # Unlike quantize_onnx (Convs only), NNCF also feeds Adds int8 inputs.
@@ -78,7 +78,7 @@ def test_the_export_s_activation_ranges_are_percentiles_inside_the_min_max(
   for name, options in (("default", {}), ("minmax", {"ranges": "MinMax"}),
                         ("p99.9", {"percentile": 99.9})):
     path = str(tmp_path / f"{name}.onnx")
-    export.quantize_onnx(prefix + ".onnx", path, images, **options)
+    quantize.quantize_onnx(prefix + ".onnx", path, images, **options)
     scales[name] = {i.name: onnx.numpy_helper.to_array(i)
                     for i in onnx.load(path).graph.initializer
                     if i.name.endswith("_scale") and not i.dims}
@@ -103,7 +103,7 @@ def test_the_accuracy_control_metric_is_agreement_with_the_float32_predictions(
   predictions = runtimes.predict(runtimes.load(prefix + ".onnx", "onnxruntime"), images, 20)
   wrong = predictions.copy()
   wrong[::4] = (wrong[::4] + 1) % 10  # 5 of 20 changed
-  metric = export._agreement_metric()
+  metric = quantize._agreement_metric()
   items = [(images[:10], predictions[:10]), (images[10:], predictions[10:])]
   assert metric(model, items) == (1.0, [1.0] * 20)
   value, per_image = metric(model, [(images[:10], wrong[:10]), (images[10:], wrong[10:])])
@@ -189,9 +189,9 @@ import os, threading, time
 import numpy as np
 forks = []
 os.register_at_fork(before=lambda: forks.append(1))
-from riformer_jax.deploy import export
+from riformer_jax.deploy import quantize
 images = np.zeros((2, 32, 32, 3), np.float32)
-export.quantize_nncf({prefix + ".onnx"!r}, {str(tmp_path / "q.onnx")!r}, images)
+quantize.quantize_nncf({prefix + ".onnx"!r}, {str(tmp_path / "q.onnx")!r}, images)
 time.sleep(1)  # openvino_telemetry sends from a thread
 print(len(forks), "CI" in os.environ)
 """

@@ -27,46 +27,46 @@ import time
 
 import numpy as np
 
-from riformer_jax.deploy import export, runtimes
+from riformer_jax.deploy import export, quantize, runtimes
 
 # name: (what the variant does, how it writes DESTINATION from SOURCE).
 VARIANTS = {
     "ort": ("ONNX Runtime, MLP convs, percentile ranges (the export's)",
-            lambda src, dst, c: export.quantize_onnx(src, dst, c.images, c.batch)),
+            lambda src, dst, c: quantize.quantize_onnx(src, dst, c.images, c.batch)),
     "ort_minmax": ("ONNX Runtime, MLP convs, min/max ranges",
-                   lambda src, dst, c: export.quantize_onnx(
+                   lambda src, dst, c: quantize.quantize_onnx(
                        src, dst, c.images, c.batch, ranges="MinMax")),
     "ort_all_convs": ("ONNX Runtime, every conv but the stem, min/max ranges",
-                      lambda src, dst, c: export.quantize_onnx(
+                      lambda src, dst, c: quantize.quantize_onnx(
                           src, dst, c.images, c.batch, float_layers=c.stem,
                           ranges="MinMax")),
     "ort_percentile_9999": ("ONNX Runtime, MLP convs, 99.99th percentile ranges",
-                            lambda src, dst, c: export.quantize_onnx(
+                            lambda src, dst, c: quantize.quantize_onnx(
                                 src, dst, c.images, c.batch, percentile=99.99)),
     "ort_percentile_999": ("ONNX Runtime, MLP convs, 99.9th percentile ranges",
-                           lambda src, dst, c: export.quantize_onnx(
+                           lambda src, dst, c: quantize.quantize_onnx(
                                src, dst, c.images, c.batch, percentile=99.9)),
     "ort_entropy": ("ONNX Runtime, MLP convs, entropy ranges",
-                    lambda src, dst, c: export.quantize_onnx(
+                    lambda src, dst, c: quantize.quantize_onnx(
                         src, dst, c.images, c.batch, ranges="Entropy")),
     "nncf": ("NNCF, its defaults",
-             lambda src, dst, c: export.quantize_nncf(src, dst, c.images, c.batch)),
+             lambda src, dst, c: quantize.quantize_nncf(src, dst, c.images, c.batch)),
     "nncf_float_convs": ("NNCF, stem and downsampling float",
-                         lambda src, dst, c: export.quantize_nncf(
+                         lambda src, dst, c: quantize.quantize_nncf(
                              src, dst, c.images, c.batch, ignored=c.float_convs)),
     "nncf_bias": ("NNCF, full bias correction",
-                  lambda src, dst, c: export.quantize_nncf(
+                  lambda src, dst, c: quantize.quantize_nncf(
                       src, dst, c.images, c.batch, fast_bias_correction=False)),
     "nncf_transformer": ("NNCF, transformer model type",
-                         lambda src, dst, c: export.quantize_nncf(
+                         lambda src, dst, c: quantize.quantize_nncf(
                              src, dst, c.images, c.batch, transformer=True)),
     "nncf_accuracy": ("NNCF with accuracy control (agreement >= 98.5%)",
-                      lambda src, dst, c: export.quantize_nncf(
+                      lambda src, dst, c: quantize.quantize_nncf(
                           src, dst, c.images, c.batch, validation=c.validation,
                           max_drop=0.015)),
     "nncf_transformer_accuracy": (
         "NNCF, transformer model type, with accuracy control",
-        lambda src, dst, c: export.quantize_nncf(
+        lambda src, dst, c: quantize.quantize_nncf(
             src, dst, c.images, c.batch, transformer=True, validation=c.validation,
             max_drop=0.015)),
 }
@@ -75,15 +75,15 @@ VARIANTS = {
 _EVERY_MATMUL = r"^(?!.*/(stem|head)/).*$"  # all but the classifier's
 LITERT_VARIANTS = {
     "litert": ("LiteRT, static, the MLPs' fc1 (the export's)",
-               lambda model, c: export.quantize_litert(model, c.images, c.batch)),
+               lambda model, c: quantize.quantize_litert(model, c.images, c.batch)),
     "litert_every_matmul": ("LiteRT, static, fc1 and fc2",
-                            lambda model, c: export.quantize_litert(
+                            lambda model, c: quantize.quantize_litert(
                                 model, c.images, c.batch, layers=_EVERY_MATMUL)),
     "litert_fc2": ("LiteRT, static, fc2 only",
-                   lambda model, c: export.quantize_litert(model, c.images, c.batch,
+                   lambda model, c: quantize.quantize_litert(model, c.images, c.batch,
                                                            layers=r".*/fc2/.*")),
     "litert_dynamic": ("LiteRT, dynamic (run-time ranges), fc1 and fc2",
-                       lambda model, c: export.quantize_litert(
+                       lambda model, c: quantize.quantize_litert(
                            model, c.images, c.batch, layers=_EVERY_MATMUL,
                            dynamic=True)),
 }
@@ -96,6 +96,24 @@ class _Calibration:
   def __init__(self, images, batch, stem, float_convs, validation):
     self.images, self.batch, self.stem = images, batch, stem
     self.float_convs, self.validation = float_convs, validation
+
+
+def _evaluation_set(prefix, dataset, split, data_dir, limit):
+  """`(manifest, the file's fixed batch or None, the batch to feed, images, labels)`."""
+  manifest = runtimes.read_export_manifest(prefix)
+  fixed_batch = manifest["input"]["shape"][0]
+  fixed_batch = None if fixed_batch == "batch" else fixed_batch
+  images, labels = (np.concatenate(parts) for parts in zip(
+      *runtimes.evaluation_batches(manifest, dataset, split, data_dir, limit)))
+  return manifest, fixed_batch, fixed_batch or 32, images, labels
+
+
+def _training_images(manifest, dataset, count, data_dir):
+  """The first `count` training images of `dataset`, as the file takes them."""
+  config = manifest["preprocessing"]
+  return export.calibration_images(dataset, "train", count, config["input_size"][-1],
+                                   config["crop_pct"], manifest["input"]["layout"],
+                                   config["baked_in"], data_dir)
 
 
 def _scores(comparison):
@@ -123,23 +141,16 @@ def measure(prefix, variants=tuple(VARIANTS), calibration_count=128,
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown}: expected some of {list(VARIANTS)}")
-  manifest = runtimes.read_export_manifest(prefix)
-  fixed_batch = manifest["input"]["shape"][0]
-  fixed_batch = None if fixed_batch == "batch" else fixed_batch
-  batch = fixed_batch or 32
-  config = manifest["preprocessing"]
-  images, labels = (np.concatenate(parts) for parts in zip(
-      *runtimes.evaluation_batches(manifest, dataset, split, data_dir, limit)))
-  train = export.calibration_images(
-      dataset, "train",
-      calibration_count + validation_count, config["input_size"][-1], config["crop_pct"],
-      manifest["input"]["layout"], config["baked_in"], data_dir)
+  manifest, fixed_batch, batch, images, labels = _evaluation_set(prefix, dataset, split,
+                                                                 data_dir, limit)
+  train = _training_images(manifest, dataset, calibration_count + validation_count,
+                           data_dir)
   source = prefix + ".onnx"
   reference = runtimes.predict(runtimes.load(source, "onnxruntime"),
                                train[calibration_count:], batch)
-  stem = [n for n in export.float_convs(source) if n.startswith("stem")]
+  stem = [n for n in quantize.float_convs(source) if n.startswith("stem")]
   shared = _Calibration(train[:calibration_count], fixed_batch, stem,
-                        export.float_convs(source), (train[calibration_count:], reference))
+                        quantize.float_convs(source), (train[calibration_count:], reference))
 
   with tempfile.TemporaryDirectory() as scratch:
     float32 = {"onnxruntime": source, "openvino": os.path.join(scratch, "float32.xml")}
@@ -194,16 +205,10 @@ def measure_litert(prefix, variants=tuple(LITERT_VARIANTS), calibration_count=12
   if unknown:
     raise ValueError(f"unknown LiteRT variant(s) {unknown}: expected some of "
                      f"{list(LITERT_VARIANTS)}")
-  manifest = runtimes.read_export_manifest(prefix)
-  fixed_batch = manifest["input"]["shape"][0]
-  fixed_batch = None if fixed_batch == "batch" else fixed_batch
-  batch = fixed_batch or 32
-  config = manifest["preprocessing"]
-  images, labels = (np.concatenate(parts) for parts in zip(
-      *runtimes.evaluation_batches(manifest, dataset, split, data_dir, limit)))
-  shared = _Calibration(export.calibration_images(
-      dataset, "train", calibration_count, config["input_size"][-1], config["crop_pct"],
-      manifest["input"]["layout"], config["baked_in"], data_dir), fixed_batch, (), (), None)
+  manifest, fixed_batch, batch, images, labels = _evaluation_set(prefix, dataset, split,
+                                                                 data_dir, limit)
+  shared = _Calibration(_training_images(manifest, dataset, calibration_count, data_dir),
+                        fixed_batch, (), (), None)
   with open(prefix + ".tflite", "rb") as f:
     float_model = f.read()
   float32 = runtimes.predict(runtimes.load(prefix + ".tflite", "litert"), images, batch)

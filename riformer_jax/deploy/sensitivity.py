@@ -4,12 +4,12 @@
 
 For PREFIX.onnx (the float32 file `riformer_jax.deploy.export` wrote), every convolution
 but the stem (the MLPs' and the downsampling ones) is quantised alone, with the
-export's settings and calibration (`export.quantize_onnx`, the manifest's
+export's settings and calibration (`quantize.quantize_onnx`, the manifest's
 preprocessing, the embedded training split by default), and that file's predictions
 on the evaluation split are compared with the float32 file's: top-1 change with its
 standard error, and agreement. Layers are listed worst first (least agreement). Then
 every convolution but the stem quantised, with the worst 0, 1, ... `--drop` of them
-kept in float32, and last the export's own choice (`export.float_convs`): what
+kept in float32, and last the export's own choice (`quantize.float_convs`): what
 leaving layers out buys. Each layer alone adds its own quantisation error only; errors
 of several layers add up, so the second table, not the first, is what a file gets.
 """
@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from riformer_jax.deploy import export, runtimes
+from riformer_jax.deploy import export, quantize, runtimes
 
 
 def quantisable_layers(onnx_path):
@@ -67,7 +67,7 @@ def measure(prefix, drop=4, calibration_dataset="synthetic", calibration_split="
     path = os.path.join(scratch, "int8.onnx")
 
     def quantised(**selection):
-      export.quantize_onnx(prefix + ".onnx", path, calibration, fixed_batch, **selection)
+      quantize.quantize_onnx(prefix + ".onnx", path, calibration, fixed_batch, **selection)
       return score(path)
 
     alone = []
@@ -80,7 +80,7 @@ def measure(prefix, drop=4, calibration_dataset="synthetic", calibration_split="
       left_out = [row["layer"] for row in alone[:k]]
       kept_float.append(dict(float_layers=left_out,
                              **quantised(float_layers=stem + left_out)))
-    default = [name for name in export.float_convs(prefix + ".onnx") if name not in stem]
+    default = [name for name in quantize.float_convs(prefix + ".onnx") if name not in stem]
     kept_float.append(dict(float_layers=default, export=True, **quantised()))
   return float32_top1, count, alone, kept_float
 
