@@ -40,6 +40,9 @@ VARIANTS = {
                       lambda src, dst, c: quantize.quantize_onnx(
                           src, dst, c.images, c.batch, float_layers=c.stem,
                           ranges="MinMax")),
+    "ort_all_convs_percentile": ("ONNX Runtime, every conv but the stem, percentile ranges",
+                                 lambda src, dst, c: quantize.quantize_onnx(
+                                     src, dst, c.images, c.batch, float_layers=c.stem)),
     "ort_percentile_9999": ("ONNX Runtime, MLP convs, 99.99th percentile ranges",
                             lambda src, dst, c: quantize.quantize_onnx(
                                 src, dst, c.images, c.batch, percentile=99.99)),
@@ -136,7 +139,8 @@ def measure(prefix, variants=tuple(VARIANTS), calibration_count=128,
             validation_count=500, dataset="synthetic", split="test", data_dir=None,
             limit=None, time_calls=0, rounds=3, keep=None, log=print):
   """`(images, float32 top-1 {runtime: value}, rows)`: a row per variant with, per
-  runtime (onnxruntime, openvino), `{top1, change, change_se, agreement[, ms]}`.
+  runtime (onnxruntime, openvino), `{top1, change, change_se, agreement[, ms]}` (ms:
+  the median call of the best of `rounds` rounds of `time_calls`).
   `keep`: a folder to leave each variant's files in (VARIANT.onnx, .xml, .bin)."""
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:

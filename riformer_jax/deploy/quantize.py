@@ -75,8 +75,8 @@ def quantize_nncf(source_path, destination_path, calibration, batch=None, *, ign
   hardware config (the Convs, and the Adds and Muls of the residual stream), with
   ranges over the calibration images and its bias correction (`fast_bias_correction`
   False: the full one, block by block). `ignored`: node names kept float;
-  `transformer`: NNCF's transformer patterns (mixed preset; SmoothQuant left off the
-  convolutions, as NNCF's own guidance says). With `validation=(images, float32
+  `transformer`: NNCF's transformer patterns (mixed preset, residual stream float;
+  SmoothQuant left off the convolutions). With `validation=(images, float32
   predictions)`: `nncf.quantize_with_accuracy_control`, its metric the agreement
   of top-1 with those predictions, putting layers back in float32 (those whose
   quantisation costs most first) until agreement is at most `max_drop` below 1."""
