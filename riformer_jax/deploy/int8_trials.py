@@ -19,6 +19,7 @@ ai-edge-quantizer's recipes on PREFIX.tflite, in LiteRT.
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 
-from riformer_jax.deploy import export, quantize, runtimes
+from riformer_jax.deploy import export, quantize, runtimes, sensitivity
 
 # name: (what the variant does, how it writes DESTINATION from SOURCE).
 VARIANTS = {
@@ -94,21 +95,23 @@ LITERT_VARIANTS = {
 
 class _Calibration:
   """What the variants share: calibration images, the graph's fixed batch, the Conv
-  names to keep float, and the accuracy control's validation images."""
+  names to keep float, and the accuracy control's validation images with the float32
+  file's predictions (`make_validation()`, run only if a variant asks for them)."""
 
-  def __init__(self, images, batch, stem, float_convs, validation):
+  def __init__(self, images, batch, stem=(), float_convs=(), make_validation=None):
     self.images, self.batch, self.stem = images, batch, stem
-    self.float_convs, self.validation = float_convs, validation
+    self.float_convs, self._make_validation = float_convs, make_validation
+
+  @functools.cached_property
+  def validation(self):
+    return self._make_validation()
 
 
 def _evaluation_set(prefix, dataset, split, data_dir, limit):
   """`(manifest, the file's fixed batch or None, the batch to feed, images, labels)`."""
   manifest = runtimes.read_export_manifest(prefix)
-  fixed_batch = manifest["input"]["shape"][0]
-  fixed_batch = None if fixed_batch == "batch" else fixed_batch
-  images, labels = (np.concatenate(parts) for parts in zip(
-      *runtimes.evaluation_batches(manifest, dataset, split, data_dir, limit)))
-  return manifest, fixed_batch, fixed_batch or 32, images, labels
+  images, labels = runtimes.evaluation_set(manifest, dataset, split, data_dir, limit)
+  return (manifest, *runtimes.fixed_batch(manifest), images, labels)
 
 
 def _training_images(manifest, dataset, count, data_dir):
@@ -147,14 +150,15 @@ def measure(prefix, variants=tuple(VARIANTS), calibration_count=128,
     raise ValueError(f"unknown variant(s) {unknown}: expected some of {list(VARIANTS)}")
   manifest, fixed_batch, batch, images, labels = _evaluation_set(prefix, dataset, split,
                                                                  data_dir, limit)
-  train = _training_images(manifest, dataset, calibration_count + validation_count,
-                           data_dir)
   source = prefix + ".onnx"
-  reference = runtimes.predict(runtimes.load(source, "onnxruntime"),
-                               train[calibration_count:], batch)
-  stem = [n for n in quantize.float_convs(source) if n.startswith("stem")]
-  shared = _Calibration(train[:calibration_count], fixed_batch, stem,
-                        quantize.float_convs(source), (train[calibration_count:], reference))
+
+  def validation():  # the training images after the calibration ones
+    images = _training_images(manifest, dataset, calibration_count + validation_count,
+                              data_dir)[calibration_count:]
+    return images, runtimes.predict(runtimes.load(source, "onnxruntime"), images, batch)
+  shared = _Calibration(_training_images(manifest, dataset, calibration_count, data_dir),
+                        fixed_batch, sensitivity.quantisable_layers(source)[1],
+                        quantize.float_convs(source), validation)
 
   with tempfile.TemporaryDirectory() as scratch:
     float32 = {"onnxruntime": source, "openvino": os.path.join(scratch, "float32.xml")}
@@ -212,7 +216,7 @@ def measure_litert(prefix, variants=tuple(LITERT_VARIANTS), calibration_count=12
   manifest, fixed_batch, batch, images, labels = _evaluation_set(prefix, dataset, split,
                                                                  data_dir, limit)
   shared = _Calibration(_training_images(manifest, dataset, calibration_count, data_dir),
-                        fixed_batch, (), (), None)
+                        fixed_batch)
   with open(prefix + ".tflite", "rb") as f:
     float_model = f.read()
   float32 = runtimes.predict(runtimes.load(prefix + ".tflite", "litert"), images, batch)

@@ -149,6 +149,19 @@ def evaluation_batches(manifest, dataset, split, data_dir=None, limit=None):
                           limit=limit)
 
 
+def fixed_batch(manifest):
+  """`(the artifact's fixed batch or None, the batch to feed it)`: 32 where symbolic."""
+  batch = manifest["input"]["shape"][0]
+  batch = None if batch == "batch" else batch
+  return batch, batch or 32
+
+
+def evaluation_set(manifest, dataset, split, data_dir=None, limit=None):
+  """`(images, labels)` of the whole split (`evaluation_batches` concatenated)."""
+  return tuple(np.concatenate(parts) for parts in zip(
+      *evaluation_batches(manifest, dataset, split, data_dir, limit)))
+
+
 def predict(run, images, batch):
   """Argmax of `run` over `images` in chunks of `batch` (the artifact's fixed batch)."""
   predictions = []
@@ -164,8 +177,7 @@ def int8_accuracy(prefix, dataset="synthetic", split="test", data_dir=None, limi
                   threads=None):
   """Rows `{runtime, float32_top1, int8_top1, agreement, images}` per runtime."""
   manifest = read_export_manifest(prefix)
-  batch = manifest["input"]["shape"][0]
-  batch = 32 if batch == "batch" else batch
+  _, batch = fixed_batch(manifest)
   runners = {}
   for runtime in RUNTIMES[1:]:
     paths = [prefix + suffix + SUFFIX[runtime] for suffix in ("", "_int8")]

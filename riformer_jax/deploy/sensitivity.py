@@ -36,10 +36,8 @@ def _scorer(prefix, dataset, split, data_dir, limit):
   """`path -> {top1, change, change_se, agreement}` against PREFIX.onnx, all on the same
   evaluation images (read once)."""
   manifest = runtimes.read_export_manifest(prefix)
-  batch = manifest["input"]["shape"][0]
-  batch = 32 if batch == "batch" else batch
-  images, labels = (np.concatenate(parts) for parts in zip(
-      *runtimes.evaluation_batches(manifest, dataset, split, data_dir, limit)))
+  _, batch = runtimes.fixed_batch(manifest)
+  images, labels = runtimes.evaluation_set(manifest, dataset, split, data_dir, limit)
   float32 = runtimes.predict(runtimes.load(prefix + ".onnx", "onnxruntime"), images, batch)
 
   def score(path):
@@ -61,7 +59,7 @@ def measure(prefix, drop=4, calibration_dataset="synthetic", calibration_split="
   calibration = export.calibration_images(
       calibration_dataset, calibration_split, calibration_count, config["input_size"][-1],
       config["crop_pct"], manifest["input"]["layout"], config["baked_in"], data_dir)
-  fixed_batch = None if manifest["input"]["shape"][0] == "batch" else batch
+  fixed_batch, _ = runtimes.fixed_batch(manifest)
   layers, stem = quantisable_layers(prefix + ".onnx")
   with tempfile.TemporaryDirectory() as scratch:
     path = os.path.join(scratch, "int8.onnx")
