@@ -41,10 +41,39 @@ HEADS = ("original", "timm")
 # +-2 in absolute value, i.e. at +-100 standard deviations.
 weight_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
-# Two-pass variance, as PyTorch computes it: the residual stream of deep MetaFormers
-# carries large per-sample means, where E[x^2] - E[x]^2 loses digits.
-GroupNorm1 = functools.partial(
-    nn.GroupNorm, num_groups=1, epsilon=1e-5, use_fast_variance=False)
+
+def group_norm1_coefficients(x, scale, bias, epsilon):
+  """`(centred, k, c)` such that GroupNorm(1)'s output is `centred * k + c`: `centred`
+  is `x - mean` over (H, W, C) per sample, in float32, `k = scale / std` and `c = bias`
+  are (N, 1, 1, C). The variance is two-pass, as PyTorch computes it: the residual
+  stream of deep MetaFormers carries large per-sample means, where E[x^2] - E[x]^2
+  loses digits."""
+  x = x.astype(jnp.float32)
+  centred = x - jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  variance = jnp.mean(jnp.square(centred), axis=(1, 2, 3), keepdims=True)
+  return centred, scale * jax.lax.rsqrt(variance + epsilon), bias
+
+
+class GroupNorm1(nn.Module):
+  """GroupNorm with one group on NHWC, under flax GroupNorm's parameter names.
+
+  Written out rather than `nn.GroupNorm(num_groups=1)`: flax centres x twice (once in
+  its grouped view for the variance, once for the output), and LiteRT's converter keeps
+  both full-size subtractions; here x is centred once, the per-channel factor is
+  formed on the (N, 1, 1, C) statistics, and the full tensor sees one subtraction, one
+  square, one multiply and one add (`group_norm1_coefficients`).
+  """
+
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (dim,))
+    bias = self.param("bias", nn.initializers.zeros, (dim,))
+    centred, k, c = group_norm1_coefficients(x, scale, bias, self.epsilon)
+    return (centred * k + c).astype(self.dtype)
 
 
 def check_stages_and_rates(model):
@@ -146,8 +175,15 @@ class MetaFormerBlock(nn.Module):
     layer_scale = nn.initializers.constant(self.layer_scale_init_value)
 
     self.sow("intermediates", "block_input", x)
+    layer_scale1 = self.param("layer_scale1", layer_scale, (dim,))
     if self.deploy:
-      mixed = norm(name="norm_reparam")(x)
+      # The layer scale goes into the norm's per-channel factors (exact up to
+      # rounding), so the full tensor sees one multiply fewer; the exporters keep
+      # this form, whereas they do not fold a multiply that follows a norm.
+      scale, bias = _NormParams(name="norm_reparam")(dim)
+      centred, k, c = group_norm1_coefficients(x, scale, bias, 1e-5)
+      self.sow("intermediates", "mixer_output", (centred * k + c).astype(self.dtype))
+      x = x + drop()(centred * (layer_scale1 * k) + layer_scale1 * c)
     else:
       normed = norm(name="norm1")(x)
       if self.token_mixer == "pooling":
@@ -156,8 +192,8 @@ class MetaFormerBlock(nn.Module):
         mixed = Affine(name="token_mixer")(normed)
       else:  # identity
         mixed = normed
-    self.sow("intermediates", "mixer_output", mixed)
-    x = x + drop()(self.param("layer_scale1", layer_scale, (dim,)) * mixed)
+      self.sow("intermediates", "mixer_output", mixed)
+      x = x + drop()(layer_scale1 * mixed)
 
     hidden = Mlp(int(dim * self.mlp_ratio), self.drop_rate, self.dtype,
                  name="mlp")(norm(name="norm2")(x), train)
