@@ -268,6 +268,15 @@ def litert_op_counts(path):
   return collections.Counter(op["op_name"] for op in Interpreter(path)._get_ops_details())
 
 
+def litert_input_sizes(path, op_name):
+  """The element count of the first input of every `op_name` op in a LiteRT file."""
+  from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+  interpreter = Interpreter(path)
+  shapes = {t["index"]: t["shape"] for t in interpreter.get_tensor_details()}
+  return [int(np.prod(shapes[op["inputs"][0]]))
+          for op in interpreter._get_ops_details() if op["op_name"] == op_name]
+
+
 @pytest.mark.heavy  # real runtimes or processes: not in `make check`
 def test_litert_at_a_fixed_batch_runs_each_gelu_as_the_builtin_and_matches(tmp_path):
   """At a fixed batch every block's exact GELU is one builtin GELU op (not an erf
@@ -281,6 +290,12 @@ def test_litert_at_a_fixed_batch_runs_each_gelu_as_the_builtin_and_matches(tmp_p
   fixed_ops, symbolic_ops = litert_op_counts(fixed + ".tflite"), litert_op_counts(
       symbolic + ".tflite")
   assert fixed_ops["GELU"] == blocks, fixed_ops
+  # Each GroupNorm1 centres once (two per block and the head's), each pooling mixer
+  # subtracts its input once; nothing broadcasts the full tensor, and the only
+  # reshapes are of the per-sample statistics (batch-sized).
+  assert fixed_ops["SUB"] == (2 * blocks + 1) + blocks, fixed_ops
+  assert fixed_ops["BROADCAST_TO"] == 0, fixed_ops
+  assert set(litert_input_sizes(fixed + ".tflite", "RESHAPE")) == {3}
   assert symbolic_ops["GELU"] == 0 and sum(symbolic_ops.values()) > sum(
       fixed_ops.values()) + 20 * blocks, symbolic_ops
   images = nhwc_images(count=3)
